@@ -1,0 +1,61 @@
+"""Training pairs (latent of a crop, the same crop at high resolution) and per-batch target sizes.
+
+The cluster pipeline makes these pairs with Ray Data from LAION; `photo_pairs` makes them in memory from a
+few images (tests, the demo) the same way: random crop → resize to the VAE input size → encode; keep the
+crop at high resolution; each batch is resized (antialiased) to one target size.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .images import resize, to_tensor
+from .vae import FrozenVAE
+
+
+def random_crop_box(width: int, height: int, rng: random.Random, min_side: int,
+                    aspect_range: tuple[float, float] = (1.0, 1.0)) -> tuple[int, int, int, int]:
+    """A random crop (left, top, right, bottom) with width/height in aspect_range and short side >= min_side."""
+    aspect = rng.uniform(*aspect_range)
+    max_h = min(height, int(width / aspect))
+    if max_h < min_side or int(max_h * aspect) < min_side:
+        raise ValueError(f"image {width}×{height} is too small for a {min_side}-pixel crop of aspect {aspect:.2f}")
+    ch = rng.randint(min_side, max_h)
+    cw = round(ch * aspect)
+    left, top = rng.randint(0, width - cw), rng.randint(0, height - ch)
+    return left, top, left + cw, top + ch
+
+
+def photo_pairs(images: Sequence[Image.Image], vae: FrozenVAE, crops_per_image: int, input_size: int,
+                hr_size: int, seed: int = 0, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (N, 4, input/8, input/8) of square random crops resized to input_size, and the same crops
+    at hr_size (N, 3, hr, hr) in [-1, 1]."""
+    rng = random.Random(seed)
+    inputs, targets = [], []
+    for image in images:
+        for _ in range(crops_per_image):
+            box = random_crop_box(*image.size, rng, min_side=min(hr_size, *image.size))
+            crop = image.crop(box)
+            inputs.append(to_tensor(crop.resize((input_size, input_size), Image.BICUBIC)))
+            targets.append(to_tensor(crop.resize((hr_size, hr_size), Image.BICUBIC)))
+    inputs = torch.stack(inputs)
+    latents = torch.cat([vae.encode(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return latents, torch.stack(targets)
+
+
+def random_target_size(rng: random.Random, sizes: tuple[int, int], multiple: int = 8,
+                       aspect_range: tuple[float, float] = (1.0, 1.0)) -> tuple[int, int]:
+    """(H, W): the long side uniform in `sizes` (inclusive), aspect W/H in aspect_range, multiples of `multiple`."""
+    long_side = rng.randint(sizes[0] // multiple, sizes[1] // multiple) * multiple
+    aspect = rng.uniform(*aspect_range)
+    short = max(multiple, round(long_side / max(aspect, 1 / aspect) / multiple) * multiple)
+    return (short, long_side) if aspect >= 1 else (long_side, short)
+
+
+def targets_at(hr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """High-resolution targets resized (antialiased) to one training size."""
+    return resize(hr, size, mode="bicubic")

@@ -1,0 +1,76 @@
+"""Image ↔ tensor helpers, and real photos that installed packages ship (no download needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# (module, file) of colour photos shipped by scikit-image, scikit-learn and matplotlib
+SHIPPED_PHOTOS = {
+    "astronaut": ("skimage", "astronaut.png"),
+    "chelsea": ("skimage", "chelsea.png"),
+    "coffee": ("skimage", "coffee.png"),
+    "rocket": ("skimage", "rocket.jpg"),
+    "motorcycle": ("skimage", "motorcycle_left.png"),
+    "hubble": ("skimage", "hubble_deep_field.jpg"),
+    "retina": ("skimage", "retina.jpg"),
+    "ihc": ("skimage", "ihc.png"),
+    "china": ("sklearn", "china.jpg"),
+    "flower": ("sklearn", "flower.jpg"),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+}
+
+
+def shipped_photo_path(name: str) -> Path:
+    if name not in SHIPPED_PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; choose from {sorted(SHIPPED_PHOTOS)}")
+    package, filename = SHIPPED_PHOTOS[name]
+    if package == "skimage":
+        import skimage.data
+        return Path(skimage.data.data_dir) / filename
+    if package == "sklearn":
+        import sklearn.datasets
+        return Path(sklearn.datasets.__file__).parent / "images" / filename
+    import matplotlib
+    return Path(matplotlib.get_data_path()) / "sample_data" / filename
+
+
+def shipped_photos(names: Union[list[str], None] = None) -> dict[str, Image.Image]:
+    """Real RGB photos by name (all of them by default)."""
+    return {n: Image.open(shipped_photo_path(n)).convert("RGB") for n in (names or SHIPPED_PHOTOS)}
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → (3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] → PIL RGB (rounded to 8 bits)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected one image of shape (3, H, W), got {tuple(image.shape)}")
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
+    """The largest centred crop with width/height = aspect."""
+    w, h = image.size
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize of (B, 3, H, W) images in [-1, 1] to size (H, W)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    antialias = mode in ("bilinear", "bicubic")
+    return F.interpolate(images, size=size, mode=mode, antialias=antialias,
+                         align_corners=False if antialias else None).clamp(-1, 1)
