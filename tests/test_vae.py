@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from infgen.images import center_crop, to_tensor
+from infgen.metrics import psnr
+from infgen.vae import FrozenVAE, load_vae, materialise_tiny_vae
+
+
+def test_tiny_vae_goes_through_from_pretrained(tiny_vae):
+    directory = materialise_tiny_vae()
+    assert (directory / "config.json").is_file() and (directory / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((directory / "config.json").read_text())
+    assert tiny_vae.scaling_factor == config["scaling_factor"] != 1.0
+    assert not any(p.requires_grad for p in tiny_vae.parameters())
+
+
+def test_tiny_vae_encodes_and_reconstructs_real_photos(tiny_vae, photos):
+    x = torch.stack([to_tensor(center_crop(p).resize((128, 128))) for p in photos.values()])
+    z = tiny_vae.encode(x)
+    assert z.shape == (len(x), 4, 16, 16) and z.dtype == torch.float32
+    assert 0.5 < z.std().item() < 2.0  # the scaling factor makes latents roughly unit-variance
+    recon = tiny_vae.decode(z)
+    assert recon.shape == x.shape
+    assert psnr(recon, x).mean() > 17.0  # a real (if weak) autoencoder: not noise
+    sampled = tiny_vae.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled, z)
+
+
+def test_local_sd_style_vae_honours_its_scaling_factor(tmp_path):
+    from diffusers import AutoencoderKL
+
+    ae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1,
+                       latent_channels=4, scaling_factor=0.18215)
+    ae.save_pretrained(tmp_path / "pipeline" / "vae")
+    vae = load_vae(tmp_path / "pipeline", subfolder="vae")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    raw = ae.eval().encode(x).latent_dist.mode()
+    assert torch.allclose(vae.encode(x), raw * 0.18215, atol=1e-5)
+    assert torch.allclose(vae.decode(vae.encode(x)), ae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
+    assert isinstance(vae, FrozenVAE) and vae.scale == 2
+
+
+def test_hub_id_fails_fast_offline():
+    with pytest.raises(ValueError, match="could not load VAE 'stabilityai/sd-vae-ft-ema'"):
+        load_vae("stabilityai/sd-vae-ft-ema")
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a diffusers VAE directory"):
+        load_vae(tmp_path)
+
+
+def test_encode_rejects_bad_images(tiny_vae):
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        tiny_vae.encode(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, H, W\)"):
+        tiny_vae.encode(torch.zeros(3, 32, 32))
