@@ -7,6 +7,7 @@ crop at high resolution; each batch is resized (antialiased) to one target size.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -22,9 +23,10 @@ def random_crop_box(width: int, height: int, rng: random.Random, min_side: int,
     """A random crop (left, top, right, bottom) with width/height in aspect_range and short side >= min_side."""
     aspect = rng.uniform(*aspect_range)
     max_h = min(height, int(width / aspect))
-    if max_h < min_side or int(max_h * aspect) < min_side:
+    min_h = max(min_side, math.ceil(min_side / aspect))  # aspect < 1: the width is the short side
+    if max_h < min_h:
         raise ValueError(f"image {width}×{height} is too small for a {min_side}-pixel crop of aspect {aspect:.2f}")
-    ch = rng.randint(min_side, max_h)
+    ch = rng.randint(min_h, max_h)
     cw = round(ch * aspect)
     left, top = rng.randint(0, width - cw), rng.randint(0, height - ch)
     return left, top, left + cw, top + ch

@@ -21,18 +21,16 @@ def load_latents(path: Union[str, Path], key: str = "latents") -> torch.Tensor:
     if not path.is_file():
         raise ValueError(f"{path}: no such latent file")
     suffix = path.suffix.lower()
+    if suffix not in LATENT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported latent format {suffix!r}; use one of {LATENT_SUFFIXES}")
     try:
         if suffix in (".pt", ".pth"):
             value = torch.load(path, map_location="cpu", weights_only=True)
         elif suffix == ".npy":
             value = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif suffix == ".safetensors":
+        else:
             from safetensors.torch import load_file
             value = load_file(str(path))
-        else:
-            raise ValueError(f"{path}: unsupported latent format {suffix!r}; use one of {LATENT_SUFFIXES}")
-    except ValueError:
-        raise
     except Exception as e:
         raise ValueError(f"{path}: could not read a {suffix} latent ({type(e).__name__}: {e})") from None
     if isinstance(value, dict):

@@ -1,0 +1,103 @@
+"""What every Ray stage shares: starting Ray, resolving inputs on any pyarrow filesystem, deriving the
+output location from inputs + config, and finishing outputs atomically (`_stats.json`, `_SUCCESS`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import pyarrow.fs as pafs
+
+SUCCESS = "_SUCCESS"
+STATS = "_stats.json"
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Connect to a cluster (`address`, or RAY_ADDRESS as `ray job submit` sets it) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token file in ~/.ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+
+
+def resolve_files(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
+    """A file, a directory (its `*suffix` files, recursively), or a glob, locally or at a URI
+    (s3://, gs://, hdfs://, file://) → (filesystem, sorted paths). No match is an error naming the spec."""
+    fs, path = pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(spec))
+    if any(ch in path for ch in "*?["):
+        base = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        paths = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            paths = [path]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            paths = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+                     and not os.path.basename(i.path).startswith(("_", "."))]
+        else:
+            raise ValueError(f"input {spec!r}: no such file or directory")
+    if not paths:
+        raise ValueError(f"input {spec!r}: no {suffix} files found")
+    return fs, sorted(paths)
+
+
+def fingerprint(fs: pafs.FileSystem, paths: list[str], params: Mapping[str, Any]) -> str:
+    """Hash of the input files (path, size, mtime) and the parameters that shape the output."""
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for info in fs.get_file_info(paths):
+        h.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def output_root(spec: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(spec))
+
+
+def is_complete(fs: pafs.FileSystem, directory: str) -> bool:
+    return fs.get_file_info(f"{directory}/{SUCCESS}").type == pafs.FileType.File
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    """Write JSON atomically: a temporary name, then a rename (a reader never sees half a file)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    fs.move(tmp, path)
+
+
+def mark_success(fs: pafs.FileSystem, directory: str) -> None:
+    with fs.open_output_stream(f"{directory}/{SUCCESS}") as f:
+        f.write(b"")
+
+
+def remove_dir(fs: pafs.FileSystem, directory: str) -> None:
+    if fs.get_file_info(directory).type == pafs.FileType.Directory:
+        fs.delete_dir(directory)
+
+
+@dataclass
+class StageResult:
+    """What every stage's Python entry point (run_filter, run_download, run_encode, ...) returns."""
+
+    output: str  # the directory or URI the stage wrote (or found complete)
+    stats: dict  # the content of its _stats.json
+    skipped: bool = False  # True when a complete output already existed and nothing was done
+    run_id: Optional[str] = None  # the MLflow run, when tracking worked

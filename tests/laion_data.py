@@ -1,0 +1,145 @@
+"""A small LAION-style world for the pipeline tests and the demo: real photos over 2 MP, broken files,
+an HTTP server on 127.0.0.1 serving them, and metadata parquet in each real LAION schema variant."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import io
+import threading
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from infgen.images import shipped_photos
+
+# name → (width, height) of the served photo: over 2 MP each, several aspect ratios
+LARGE_PHOTOS = {
+    "astronaut": (1600, 1600), "chelsea": (1800, 1200), "coffee": (1800, 1200), "rocket": (1920, 1280),
+    "motorcycle": (2000, 1350), "china": (1920, 1280), "flower": (1920, 1280), "grace_hopper": (1400, 1600),
+}
+BROKEN = {
+    "truncated.jpg": "a JPEG cut in half",
+    "html.jpg": "an HTML page served as .jpg",
+    "empty.jpg": "a 0-byte file",
+    "bomb.png": "a decompression bomb (20000×20000 PNG, a few KB on disk)",
+    "tiny.jpg": "a 40×30 image whose metadata claims 2000×1500",
+}
+MISSING = "missing.jpg"  # never written: the server answers 404
+
+
+def write_photos(directory: Path) -> dict[str, tuple[int, int]]:
+    """Write the large photos as JPEG (quality 95) and the broken files; return name → (width, height)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    photos = shipped_photos(list(LARGE_PHOTOS))
+    sizes = {}
+    for name, (w, h) in LARGE_PHOTOS.items():
+        photos[name].resize((w, h), Image.BICUBIC).save(directory / f"{name}.jpg", quality=95)
+        sizes[f"{name}.jpg"] = (w, h)
+    good = (directory / "chelsea.jpg").read_bytes()
+    (directory / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (directory / "html.jpg").write_bytes(b"<!doctype html><html><body>Not found, but 200 OK</body></html>")
+    (directory / "empty.jpg").write_bytes(b"")
+    (directory / "bomb.png").write_bytes(decompression_bomb_png(20000, 20000))
+    photos["chelsea"].resize((40, 30)).save(directory / "tiny.jpg", quality=90)
+    sizes.update({"truncated.jpg": (1800, 1200), "html.jpg": (1800, 1200), "empty.jpg": (1800, 1200),
+                  "bomb.png": (20000, 20000), "tiny.jpg": (2000, 1500), MISSING: (1800, 1200)})
+    return sizes
+
+
+def decompression_bomb_png(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of width×height zeros: tiny on disk, `width·height` bytes once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    body = b"".join(raw.compress(row) for _ in range(height)) + raw.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that hang up early (img2dataset timeouts, tests) are not errors here
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 (a free port) in a thread; yield the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------
+
+def laion_table(rows: list[dict], variant: str) -> pa.Table:
+    """Rows with keys url, text, width, height, aesthetic, punsafe, pwatermark → a table in the schema of
+    `variant`: 'aesthetics_v2' (float64 sizes, AESTHETIC_SCORE), 'aesthetic_v1' (int32 sizes, lowercase
+    `aesthetic`) or 'high_resolution' (int32 sizes, no score)."""
+    n = len(rows)
+    col = lambda key, default=None: [r.get(key, default) for r in rows]  # noqa: E731
+    common = {"URL": pa.array(col("url"), pa.string()), "TEXT": pa.array(col("text", ""), pa.string())}
+    if variant == "aesthetics_v2":
+        return pa.table({**common,
+                         "WIDTH": pa.array(col("width"), pa.float64()), "HEIGHT": pa.array(col("height"), pa.float64()),
+                         "similarity": pa.array(np.full(n, 0.3), pa.float64()),
+                         "punsafe": pa.array(col("punsafe", 0.01), pa.float32()),
+                         "pwatermark": pa.array(col("pwatermark", 0.05), pa.float32()),
+                         "AESTHETIC_SCORE": pa.array(col("aesthetic", 6.0), pa.float32()),
+                         "hash": pa.array(np.arange(n), pa.int64()),
+                         "__index_level_0__": pa.array(np.arange(n), pa.int64())})
+    if variant == "aesthetic_v1":
+        return pa.table({**common,
+                         "WIDTH": pa.array(col("width"), pa.int32()), "HEIGHT": pa.array(col("height"), pa.int32()),
+                         "similarity": pa.array(np.full(n, 0.3), pa.float64()),
+                         "hash": pa.array(np.arange(n), pa.int64()),
+                         "punsafe": pa.array(col("punsafe", 0.01), pa.float32()),
+                         "pwatermark": pa.array(col("pwatermark", 0.05), pa.float32()),
+                         "aesthetic": pa.array(col("aesthetic", 6.0), pa.float32())})
+    if variant == "high_resolution":
+        return pa.table({**common,
+                         "WIDTH": pa.array(col("width"), pa.int32()), "HEIGHT": pa.array(col("height"), pa.int32()),
+                         "similarity": pa.array(np.full(n, 0.3), pa.float64()),
+                         "LANGUAGE": pa.array(["en"] * n, pa.string()),
+                         "hash": pa.array(np.arange(n), pa.int64()),
+                         "pwatermark": pa.array(col("pwatermark", 0.05), pa.float32()),
+                         "punsafe": pa.array(col("punsafe", 0.01), pa.float32())})
+    raise ValueError(f"unknown LAION variant {variant!r}")
+
+
+def write_laion_parquet(path: Path, rows: list[dict], variant: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(laion_table(rows, variant), path)
+    return path
+
+
+def image_bytes(path: Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
