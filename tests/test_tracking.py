@@ -1,0 +1,41 @@
+import socket
+import time
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import Tracker, config_hash, flatten
+
+
+def test_flatten_and_hash():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1}) != config_hash({"a": 2, "b": 2})
+
+
+def test_logs_params_metrics_artifacts_and_lineage(mlflow_server, tmp_path):
+    artifact = tmp_path / "stats.json"
+    artifact.write_text('{"rows": 3}')
+    with Tracker(mlflow_server, "infgen-test", "unit", tags={"infgen.input": "in/"}) as tracker:
+        tracker.log_params({"filter": {"min_pixels": 2_000_000}, "seed": 0})
+        tracker.log_metrics({"rows_out": 3}, step=1)
+        tracker.log_artifact(artifact)
+        tracker.log_dict({"a": 1}, "table.json")
+    run = MlflowClient(mlflow_server).get_run(tracker.run_id)
+    assert run.data.params == {"filter.min_pixels": "2000000", "seed": "0"}
+    assert run.data.metrics == {"rows_out": 3.0}
+    assert run.data.tags["infgen.input"] == "in/" and run.data.tags["infgen.git_commit"]
+    assert run.info.status == "FINISHED"
+    names = {a.path for a in MlflowClient(mlflow_server).list_artifacts(tracker.run_id)}
+    assert names == {"stats.json", "table.json"}
+
+
+def test_unreachable_server_never_raises(caplog):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.time()
+    with Tracker(f"http://127.0.0.1:{port}", "x", "y", retries=2, backoff_s=0.01) as tracker:
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"m": 1.0})
+    assert tracker.run_id is None
+    assert "MLflow start run failed" in caplog.text
+    assert time.time() - start < 120
