@@ -1,0 +1,44 @@
+"""Latents from a real diffusers pipeline (output_type="latent") are what infgen decodes."""
+
+import pytest
+import torch
+
+from infgen.models import InfGen
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_vae):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    # prompt embeddings are passed directly, so no text encoder or tokenizer (which would need a download)
+    return StableDiffusionPipeline(vae=tiny_vae.autoencoder, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def generate(pipeline, output_type):
+    return pipeline(prompt_embeds=torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0)),
+                    guidance_scale=1.0, num_inference_steps=2, height=64, width=64, output_type=output_type,
+                    generator=torch.Generator().manual_seed(1)).images
+
+
+def test_pipeline_latents_are_scaled_latents(pipeline, tiny_vae):
+    latents = generate(pipeline, "latent")
+    images = generate(pipeline, "pt")  # the pipeline's own VAE decode of the same latents, in [0, 1]
+    assert latents.shape == (1, 4, 8, 8)
+    # our wrapper's decode (÷ scaling_factor) is exactly the pipeline's: same latent convention
+    assert torch.allclose(tiny_vae.decode(latents), images * 2 - 1, atol=1e-5)
+
+
+def test_infgen_decodes_pipeline_latents_at_any_size(pipeline, tiny_vae):
+    latents = generate(pipeline, "latent")
+    model = InfGen.from_preset("tiny", scaling_factor=tiny_vae.scaling_factor).eval()
+    out = model.decode(latents, (100, 180))
+    assert out.shape == (1, 3, 100, 180)
+    unscaled = latents / tiny_vae.scaling_factor  # raw encoder-space latents
+    assert torch.allclose(model.decode(unscaled, (100, 180), scaled=False), out, atol=1e-5)
