@@ -74,9 +74,12 @@ class InfGenLoss(nn.Module):
         if not self.adversarial_on(step):
             return rec, {**log, "loss": rec.item()}
 
-        self.discriminator.requires_grad_(False)  # its gradients come from discriminator_loss only
-        logits_fake = self.discriminator(images)
-        self.discriminator.requires_grad_(True)
+        # the raw module, not a DDP wrapper: this forward must not join DDP's gradient sync, and the
+        # discriminator's gradients come from discriminator_loss only
+        discriminator = getattr(self.discriminator, "module", self.discriminator)
+        discriminator.requires_grad_(False)
+        logits_fake = discriminator(images)
+        discriminator.requires_grad_(True)
         adv = -logits_fake.mean() if c.disc_loss == "hinge" else F.softplus(-logits_fake).mean()
         weight = c.adv_weight
         if c.adaptive_weight:

@@ -40,7 +40,8 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def unwrap(model: nn.Module) -> InfGen:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(model, "module", model)
 
 
@@ -95,14 +96,14 @@ class InfGenTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": unwrap(self.model).state_dict(), "ema": self.ema.state_dict(),
-                "discriminator": self.loss.discriminator.state_dict(),
+                "discriminator": unwrap(self.loss.discriminator).state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.loss.discriminator.load_state_dict(state["discriminator"])
+        unwrap(self.loss.discriminator).load_state_dict(state["discriminator"])
         for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
             getattr(self, name).load_state_dict(state[name])
         self.step = int(state["step"])

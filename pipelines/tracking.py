@@ -54,12 +54,13 @@ class Tracker:
 
     def __init__(self, tracking_uri: Optional[str], experiment: str, run_name: str,
                  tags: Optional[Mapping[str, str]] = None, parent_run_id: Optional[str] = None,
-                 retries: int = 3, backoff_s: float = 1.0) -> None:
+                 retries: int = 3, backoff_s: float = 1.0, run_id: Optional[str] = None) -> None:
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
         self.experiment, self.run_name = experiment, run_name
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV)
         self.retries, self.backoff_s = retries, backoff_s
+        self.resume_run_id = run_id  # continue this run (a resumed training) instead of creating one
         self.run_id: Optional[str] = None
         self.client = None
 
@@ -77,6 +78,9 @@ class Tracker:
 
         def create() -> str:
             self.client = MlflowClient(self.tracking_uri)
+            if self.resume_run_id:
+                self.client.update_run(self.resume_run_id, status="RUNNING")
+                return self.resume_run_id
             experiment = self.client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
             tags = {"mlflow.runName": self.run_name, "infgen.git_commit": git_commit(), **self.tags}
@@ -121,6 +125,20 @@ class Tracker:
 
     def log_figure(self, figure: Any, name: str) -> None:
         self._call("log figure", lambda: self.client.log_figure(self.run_id, figure, name))
+
+    def register_model(self, name: str, artifact_path: str) -> Optional[str]:
+        """Register the run's artifact directory `artifact_path` as a new version of model `name`."""
+        def register() -> str:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException:
+                pass  # it exists already: add a version
+            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+            return self.client.create_model_version(name, source, run_id=self.run_id).version
+
+        return self._call("register model", register)
 
     # ---- failure handling ---------------------------------------------------------------------------------
 

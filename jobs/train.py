@@ -1,0 +1,16 @@
+"""Train InfGen on Ray Train; rerunning with the same output and name resumes from the last checkpoint.
+
+    python -m jobs.train --config conf/train/local.yaml [key=value ...]
+"""
+
+from jobs.config import parse_job_args
+from pipelines.train import run_train
+
+
+def main() -> None:
+    result = run_train(parse_job_args(__doc__))
+    print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}\nMLflow run: {result.run_id}")
+
+
+if __name__ == "__main__":
+    main()

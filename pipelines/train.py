@@ -1,0 +1,336 @@
+"""Training on Ray Train: a TorchTrainer over the encode stage's parquet shards.
+
+The per-step logic (forward, losses, both optimizer steps, EMA, state dicts) is infgen.training.InfGenTrainer,
+plain PyTorch; this module is the Ray wiring: datasets, DDP, checkpoints, resume, failures, MLflow.
+
+Resume: Ray Train V2 resumes a run that is started again with the same `output` (storage path) and `name`
+from `ray.train.get_checkpoint()`; a worker that dies restarts the group from the last checkpoint, up to
+`train.max_failures` times. The MLflow run id travels in the checkpoint, so a resumed run logs on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from infgen.data import random_target_size
+from infgen.images import resize, to_tensor
+from infgen.losses import InfGenLoss, LossConfig
+from infgen.models import WEIGHTS_NAME, InfGen
+from infgen.training import InfGenTrainer, OptimConfig, unwrap
+
+from .common import init_ray, resolve_files
+from .tracking import Tracker, config_hash
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainResult:
+    model_dir: str  # the exported EMA model (InfGen.from_pretrained reads it)
+    checkpoint: Optional[str]  # the last checkpoint directory
+    metrics: dict
+    run_id: Optional[str]
+
+
+def plain(config: Any) -> dict:
+    """An OmegaConf config or a mapping → a plain dict (what Ray ships to the workers)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:
+        pass
+    return dict(config)
+
+
+def dataclass_from(cls, values: Mapping[str, Any], **extra):
+    values = {**values, **extra}
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys in the config: {unknown}")
+    return cls(**values)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def target_size_for_step(train: Mapping[str, Any], step: int) -> tuple[int, int]:
+    """The batch's output size: drawn from the configured range, the same on every rank and on resume."""
+    rng = random.Random(train["seed"] * 1_000_003 + step)
+    return random_target_size(rng, tuple(train["sizes"]), train["multiple"], tuple(train["aspect_range"]))
+
+
+def decode_targets(hr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (antialiased) to `size`."""
+    images = [to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in hr]
+    return torch.cat([resize(image[None], size, mode="bicubic") for image in images])
+
+
+def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
+    """The last `count` rows of the last shard: never trained on, decoded in every sample grid."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(paths[-1], filesystem=fs, columns=["key", "latent", "hr"])
+    table = table.slice(max(0, table.num_rows - count))
+    latents = table.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32)
+    return table.column("key").to_pylist(), latents, table.column("hr").to_pylist()
+
+
+# ---- the loop on each worker --------------------------------------------------------------------------------
+
+
+def build_model(cfg: Mapping[str, Any]) -> InfGen:
+    """A fresh preset, or the weights of a stage-1 checkpoint / exported model (stage 2)."""
+    init_from = cfg.get("init_from")
+    if not init_from:
+        return InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
+    path = Path(init_from)
+    if (path / STATE_FILE).is_file():  # a training checkpoint: start from its EMA weights
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        model = InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
+        model.load_state_dict(state["trainer"]["ema"])
+        return model
+    if (path / WEIGHTS_NAME).is_file():
+        model = InfGen.from_pretrained(path)
+        for key, value in cfg.get("model", {}).items():  # e.g. grad_checkpointing, max_size for stage 2
+            setattr(model.config, key, value)
+        return model
+    raise ValueError(f"init_from {init_from}: neither a training checkpoint ({STATE_FILE}) nor an exported "
+                     f"model ({WEIGHTS_NAME})")
+
+
+class Progress:
+    """Averages over a window of steps, samples/s, ETA; what rank 0 prints and logs."""
+
+    def __init__(self, total_steps: int, global_batch: int) -> None:
+        self.total, self.batch = total_steps, global_batch
+        self.sums: dict[str, float] = {}
+        self.count, self.start = 0, time.perf_counter()
+
+    def add(self, log: Mapping[str, float]) -> None:
+        for k, v in log.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def flush(self, step: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        metrics = {k: v / self.count for k, v in self.sums.items()}
+        metrics["samples_per_s"] = self.count * self.batch / elapsed
+        metrics["eta_s"] = (self.total - step) * elapsed / self.count
+        self.sums, self.count, self.start = {}, 0, time.perf_counter()
+        return metrics
+
+
+def train_loop(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = cfg["train"]
+    device = ray.train.torch.get_device()
+    torch.manual_seed(train["seed"] + rank)
+    torch.set_num_threads(max(1, int(train.get("threads_per_worker") or 1)))
+
+    model = ray.train.torch.prepare_model(build_model(cfg))
+    loss = InfGenLoss(dataclass_from(LossConfig, cfg["loss"])).to(device)
+    if world > 1:
+        loss.discriminator = ray.train.torch.prepare_model(loss.discriminator)
+    trainer = InfGenTrainer(model, loss, dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
+
+    run_id = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            rng_file = Path(directory) / f"rng_rank{rank}.pt"
+            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+        trainer.load_state_dict(state["trainer"])
+        run_id = state.get("mlflow_run_id")
+        if rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+        if rank == 0:
+            print(f"[train] resumed from step {trainer.step}")
+
+    tracker = sampler = None
+    if rank == 0:
+        tracker = Tracker(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment"], cfg["name"],
+                          tags=cfg["lineage"], run_id=run_id)
+        run_id = tracker.start()
+        if not checkpoint:
+            tracker.log_params(cfg["params"])
+        sampler = SampleGrid(cfg, device)
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = train["batch_size"] // world
+    progress = Progress(train["steps"], per_worker * world)
+    while trainer.step < train["steps"]:
+        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=train["shuffle_buffer"] or None)
+        for batch in batches:
+            if trainer.step >= train["steps"]:
+                break
+            size = target_size_for_step(train, trainer.step)
+            latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32)).to(device)
+            step_log = trainer.train_step(latents, decode_targets(batch["hr"], size).to(device))
+            step = trainer.step
+            if train.get("fail_at_step") == step and rank == world - 1:
+                fail_once(cfg, step)
+            progress.add(step_log)
+            report_now = step % train["log_every"] == 0 or step % train["checkpoint_every"] == 0 or step == train["steps"]
+            if not report_now:
+                continue
+            metrics = {**progress.flush(step), "step": step}
+            if rank == 0:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+                print(f"[train] step {step}/{train['steps']} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
+                      f"{metrics['samples_per_s']:.1f} samples/s ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
+                if step % train["sample_every"] == 0 or step == train["steps"]:
+                    sampler.log(trainer.ema, tracker, step)
+            if step % train["checkpoint_every"] == 0 or step == train["steps"]:
+                save_checkpoint(trainer, rank, run_id, metrics)
+            else:
+                ray.train.report(metrics)
+
+    if rank == 0:
+        export(cfg, trainer, tracker)
+        tracker.end()
+
+
+def fail_once(cfg: Mapping[str, Any], step: int) -> None:
+    """Failure injection for tests: the first attempt dies at `fail_at_step`, the restarted one goes on."""
+    marker = Path(cfg["run_dir"]) / f".failed_at_{step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+
+def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], metrics: dict) -> None:
+    """Every rank reports the same checkpoint: rank 0 the trainer state, each rank its own RNG states."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        if rank == 0:
+            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id}, Path(directory) / STATE_FILE)
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   Path(directory) / f"rng_rank{rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> None:
+    model_dir = Path(cfg["run_dir"]) / "model"
+    trainer.ema.save_pretrained(model_dir)
+    print(f"[train] exported the EMA model to {model_dir}", flush=True)
+    for path in sorted(model_dir.iterdir()):
+        tracker.log_artifact(path, "model")
+    if cfg["mlflow"].get("registered_model_name"):
+        version = tracker.register_model(cfg["mlflow"]["registered_model_name"], "model")
+        print(f"[train] registered as {cfg['mlflow']['registered_model_name']} version {version}", flush=True)
+
+
+class SampleGrid:
+    """The same held-out latents decoded at several sizes by the EMA model, next to the ground truth and the
+    baseline (VAE decode at native size + bicubic), logged as an image every `sample_every` steps."""
+
+    def __init__(self, cfg: Mapping[str, Any], device: torch.device) -> None:
+        from infgen.vae import load_vae
+
+        samples = cfg["samples"]
+        self.sizes = [tuple(s) for s in samples["sizes"]]
+        self.latents = torch.from_numpy(np.asarray(samples["latents"], dtype=np.float32))
+        self.hr = samples["hr"]
+        self.device = device
+        vae = load_vae(cfg["vae"])
+        native = vae.decode(self.latents)
+        self.truth = {s: decode_targets(self.hr, s) for s in self.sizes}
+        self.baseline = {s: resize(native, s, mode="bicubic") for s in self.sizes}
+
+    @torch.no_grad()
+    def log(self, model: InfGen, tracker: Tracker, step: int) -> None:
+        from infgen.metrics import psnr
+        from infgen.visualize import image_grid
+
+        model = unwrap(model).eval()
+        rows, labels = [[] for _ in range(len(self.latents))], []
+        for size in self.sizes:
+            decoded = model.decode(self.latents.to(self.device), size).cpu()
+            tracker.log_metrics({f"sample_psnr_{size[1]}x{size[0]}": psnr(decoded, self.truth[size]).mean().item(),
+                                 f"baseline_psnr_{size[1]}x{size[0]}":
+                                     psnr(self.baseline[size], self.truth[size]).mean().item()}, step=step)
+            for i in range(len(self.latents)):
+                rows[i] += [self.truth[size][i], self.baseline[size][i], decoded[i]]
+            labels += [f"truth {size[1]}x{size[0]}", "VAE+bicubic", "infgen"]
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / f"samples_step{step:07d}.png"
+            image_grid(rows, labels, cell=160).save(path)
+            tracker.log_artifact(path, "samples")
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------
+
+
+def run_train(config: Any) -> TrainResult:
+    """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = plain(config)
+    train = cfg["train"]
+    if train["batch_size"] % train["num_workers"]:
+        raise ValueError(f"train.batch_size {train['batch_size']} is not divisible by train.num_workers "
+                         f"{train['num_workers']}")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
+
+    fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
+    keys, latents, hr = held_out_rows(paths, fs, cfg["samples"]["count"])
+    dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
+               .filter(expr=~ray.data.expressions.col("key").is_in(keys))
+               .select_columns(["latent", "hr"])
+               .randomize_block_order(seed=train["seed"]))
+
+    storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
+    loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
+                "params": {k: v for k, v in cfg.items() if k not in ("ray",)},
+                "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
+                            "infgen.output": os.path.join(storage, cfg["name"]),
+                            "infgen.config_hash": config_hash(cfg)},
+                "samples": {**cfg["samples"], "latents": latents, "hr": hr}}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg, datasets={"train": dataset},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train["num_workers"], use_gpu=train["use_gpu"],
+            # fractional CPUs: a trainer fed by Ray Data hangs on a 2-CPU machine otherwise
+            resources_per_worker={"CPU": train["cpus_per_worker"], **({"GPU": 1} if train["use_gpu"] else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg["name"], storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=train["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train["keep_checkpoints"])))
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    state_run = None
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as directory:
+            state_run = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False).get("mlflow_run_id")
+    return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"),
+                       checkpoint=result.checkpoint.path if result.checkpoint else None,
+                       metrics=metrics, run_id=state_run)

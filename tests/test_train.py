@@ -1,0 +1,122 @@
+"""Training on Ray Train: 2 gloo workers, checkpoints, failure + restart, resume by rerunning, MLflow."""
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from infgen.data import photo_pairs
+from infgen.images import to_pil
+from infgen.models import InfGen
+from pipelines.train import STATE_FILE, build_model, run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tiny_vae, photos):
+    """Shards in the encode stage's layout (key, latent fp16 tensor column, hr PNG bytes) from real photos."""
+    directory = tmp_path_factory.mktemp("encoded")
+    latents, hr = photo_pairs(list(photos.values()), tiny_vae, crops_per_image=4, input_size=128, hr_size=256)
+    for shard in range(2):
+        rows = range(shard, len(latents), 2)
+        pngs = []
+        for i in rows:
+            buffer = io.BytesIO()
+            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
+            pngs.append(buffer.getvalue())
+        lat = latents[list(rows)].numpy().astype(np.float16)
+        table = pa.table({"key": [f"{shard:05d}{i:04d}" for i in rows],
+                          "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(lat), "hr": pa.array(pngs, pa.binary())})
+        pq.write_table(table, directory / f"{shard:05d}.parquet")
+    return directory
+
+
+def config(encoded, output, tracking_uri, **train):
+    cfg = OmegaConf.load(ROOT / "conf/train/local.yaml")
+    cfg.data, cfg.output, cfg.mlflow.tracking_uri = str(encoded), str(output), tracking_uri
+    cfg.mlflow.registered_model_name = "infgen-test"
+    cfg.train.update({"steps": 24, "checkpoint_every": 8, "log_every": 4, "sample_every": 12, "sizes": [64, 128],
+                      **train})
+    return cfg
+
+
+def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path, mlflow_server):
+    cfg = config(encoded, tmp_path / "train", mlflow_server, fail_at_step=11)
+    result = run_train(cfg)
+
+    # the injected failure happened, and the run restarted from the step-8 checkpoint to finish at 24
+    assert (tmp_path / "train" / cfg.name / ".failed_at_11").exists()
+    state = torch.load(Path(result.checkpoint) / STATE_FILE, weights_only=False)["trainer"]
+    assert state["step"] == 24
+    adam_steps = {int(s["step"]) for s in state["opt_g"]["state"].values()}
+    assert adam_steps == {24}  # no step lost or repeated: the optimizer state is that of 24 steps
+    assert sorted(p.name for p in Path(result.checkpoint).iterdir()) == ["rng_rank0.pt", "rng_rank1.pt", STATE_FILE]
+
+    model = InfGen.from_pretrained(result.model_dir)
+    assert model.decode(torch.randn(1, 4, 16, 16), (96, 160)).shape == (1, 3, 96, 160)
+
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(result.run_id, "loss")
+    steps = sorted({m.step for m in history})
+    assert steps == [4, 8, 12, 16, 20, 24]  # steps 12 (before the failure) was logged again after it
+    first, last = [np.mean([m.value for m in history if m.step == s]) for s in (4, 24)]
+    assert last < first
+    run = client.get_run(result.run_id)
+    assert {"samples_per_s", "lr", "grad_norm", "sample_psnr_128x128", "baseline_psnr_128x128"} <= set(run.data.metrics)
+    assert run.data.params["train.num_workers"] == "2" and run.data.tags["infgen.stage"] == "train"
+    samples = [a.path for a in client.list_artifacts(result.run_id, "samples")]
+    assert "samples/samples_step0000024.png" in samples
+    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {"model/config.json", "model/model.safetensors"}
+    assert [v.run_id for v in client.search_model_versions("name='infgen-test'")] == [result.run_id]
+
+
+def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
+    cfg = config(encoded, tmp_path / "train", f"sqlite:///{tmp_path}/mlflow.db", steps=24)
+    OmegaConf.save(cfg, tmp_path / "train.yaml")
+    command = [sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "train.yaml")]
+    env = {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    import os
+
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "train" / cfg.name
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.pt")):
+        time.sleep(0.5)
+    process.kill()  # the driver dies mid-run (its workers go with it)
+    process.wait()
+    assert list(run_dir.glob("checkpoint_*/state.pt")), process.stdout.read().decode()[-3000:]
+
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[train] resumed from step" in done.stdout + done.stderr
+    last = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    assert torch.load(last / STATE_FILE, weights_only=False)["trainer"]["step"] == 24
+
+
+def test_stage2_starts_from_stage1(tmp_path):
+    stage1 = InfGen.from_preset("tiny")
+    stage1.save_pretrained(tmp_path / "exported")
+    cfg = {"preset": "tiny", "model": {"grad_checkpointing": True}, "init_from": str(tmp_path / "exported")}
+    model = build_model(cfg)
+    assert model.config.grad_checkpointing
+    for a, b in zip(stage1.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"trainer": {"ema": stage1.state_dict()}}, tmp_path / "ckpt" / STATE_FILE)
+    model = build_model({**cfg, "init_from": str(tmp_path / "ckpt")})
+    assert all(torch.equal(a, b) for a, b in zip(stage1.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="neither a training checkpoint"):
+        build_model({**cfg, "init_from": str(tmp_path)})
