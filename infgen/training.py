@@ -73,14 +73,14 @@ class InfGenTrainer:
         self.opt_g.step()
 
         d_loss, d_log = self.loss.discriminator_loss(images, targets, self.step)
-        if d_loss.requires_grad:
+        if d_loss.requires_grad:  # after disc_start; its schedule (and warm-up) counts its own steps
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             nn.utils.clip_grad_norm_(self.loss.discriminator.parameters(), c.grad_clip)
             self.opt_d.step()
+            self.sched_d.step()
         log.update(d_log, lr=self.sched_g.get_last_lr()[0])
         self.sched_g.step()
-        self.sched_d.step()
         self.update_ema()
         self.step += 1
         return log

@@ -1,0 +1,166 @@
+"""Images/s of the encode stage (Ray Data, actor pool) against a bare loop doing the same work in one process.
+
+Both sides process the same webdataset shards with the same functions (`prepare_batch`: PIL decode, keyed random
+crop, resize to input_size², the high-resolution crop as PNG; `EncodeUDF`: the tiny VAE's encoder; `ShardWriter`:
+parquet), the same batch size and config; the bare loop reads the tars with `tarfile` and runs everything in this
+process with torch's default threads. So the ratio is what Ray costs or gains. Runs are interleaved
+(bare, stage, bare, stage, ...) and each side's best time counts, because the machine may be shared; the load
+average before each run is recorded. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
+
+from infgen.vae import materialise_tiny_vae  # noqa: E402
+from pipelines.encode import (EncodeConfig, EncodeUDF, ShardWriter, output_schema, prepare_batch,  # noqa: E402
+                              run_encode)
+from tests.laion_data import LARGE_PHOTOS, write_photos  # noqa: E402
+
+
+def make_shards(directory: Path, images: int, per_shard: int) -> list[Path]:
+    """`images` samples (the large photos, replicated under distinct keys, so distinct crops) in .tar shards."""
+    import webdataset as wds
+
+    photos = write_photos(directory / "photos")
+    names = [f"{n}.jpg" for n in LARGE_PHOTOS]
+    assert all(n in photos for n in names)
+    data = {n: (directory / "photos" / n).read_bytes() for n in names}
+    (directory / "shards").mkdir()
+    paths = []
+    for s in range(0, images, per_shard):
+        path = directory / "shards" / f"{s // per_shard:05d}.tar"
+        with wds.TarWriter(str(path)) as tar:
+            for i in range(s, min(s + per_shard, images)):
+                name = names[i % len(names)]
+                tar.write({"__key__": f"{i:09d}", "jpg": data[name], "txt": name,
+                           "json": json.dumps({"url": f"http://x/{name}"})})
+        paths.append(path)
+    return paths
+
+
+def bare_loop(cfg: EncodeConfig, shards: list[Path], out: Path) -> int:
+    """The same work in one process, no Ray: returns the number of images read."""
+    import torch
+
+    udf = EncodeUDF(str(materialise_tiny_vae()), None, cfg.input_size, 0, cfg.precision,
+                    threads=torch.get_num_threads())
+    shape = (4, cfg.input_size // 8, cfg.input_size // 8)
+    fs, total = pafs.LocalFileSystem(), 0
+    out.mkdir(parents=True)
+    for shard in shards:
+        writer = ShardWriter(fs, str(out / f"{shard.stem}.parquet"), output_schema(shape), shape)
+        samples = read_tar(shard)
+        for i in range(0, len(samples), cfg.batch_size):
+            chunk = samples[i:i + cfg.batch_size]
+            batch = {k: objects([s.get(k) for s in chunk]) for k in ("__key__", "jpg", "txt", "json")}
+            batch["__url__"] = objects([str(shard)] * len(chunk))
+            writer.add(udf(prepare_batch(batch, cfg)))  # the same functions the stage's tasks and actors run
+        total += writer.commit()["images_in"]
+    return total
+
+
+def read_tar(path: Path) -> list[dict]:
+    """A webdataset .tar → samples {__key__, jpg, txt, json} of raw bytes, as read_webdataset(decoder=None) gives."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(info).read()
+    return list(samples.values())
+
+
+def objects(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def timed(fn) -> dict:
+    load = os.getloadavg()
+    start = time.perf_counter()
+    images = fn()
+    return {"seconds": round(time.perf_counter() - start, 3), "images": images,
+            "loadavg_before": [round(x, 2) for x in load], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--per-shard", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; the best counts")
+    parser.add_argument("--num-actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--torch-threads", default="1,2", help="per actor; a comma list runs one stage variant each")
+    parser.add_argument("--out", default="benchmarks/results/encode_speed.json")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    materialise_tiny_vae()  # fitted once, never timed
+    work = Path(tempfile.mkdtemp(prefix="encode_speed_"))
+    shards = make_shards(work, args.images, args.per_shard)
+    base = dict(input=str(work / "shards"), vae="tiny", input_size=512, min_side=512, hr_max_side=2048,
+                hr_format="png", batch_size=args.batch_size, num_actors=args.num_actors,
+                cpus_per_actor=args.cpus_per_actor, grid_samples=0, tracking={"enabled": False})
+    cfg = EncodeConfig.from_mapping({**base, "output": str(work / "unused")})
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)  # a cluster exists already
+
+    def stage(threads: int, out: Path):
+        return lambda: run_encode({**base, "torch_threads": threads, "output": str(out)}).stats["images_in"]
+
+    variants = {f"stage_threads{t}": int(t) for t in args.torch_threads.split(",")}
+    runs: dict[str, list[dict]] = {"bare": [], **{v: [] for v in variants}}
+    for r in range(args.repeats):
+        runs["bare"].append(timed(lambda: bare_loop(cfg, shards, work / f"bare{r}")))
+        for name, threads in variants.items():
+            runs[name].append(timed(stage(threads, work / f"{name}_{r}")))
+        for name in runs:
+            print(f"{name:>16} run {r}: {runs[name][-1]['images']} images in {runs[name][-1]['seconds']:.1f} s")
+
+    rate = {name: max(x["images"] / x["seconds"] for x in runs[name]) for name in runs}  # best run per side
+    ratios = {name: rate[name] / rate["bare"] for name in variants}
+    best = max(ratios, key=ratios.get)
+    result = {
+        "environment": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "ray": ray.__version__,
+                        "bare_loop_torch_threads": torch.get_num_threads()},
+        "setup": {"images": args.images, "shards": len(shards), "batch_size": args.batch_size, "input_size": 512,
+                  "vae": "tiny (CPU, float32)", "hr_format": "png", "num_actors": args.num_actors,
+                  "cpus_per_actor": args.cpus_per_actor, "repeats": args.repeats,
+                  "stage_timing": "run_encode end to end: actor start-up included; ray.init, MLflow, grid not"},
+        "runs": runs,
+        "images_per_s": {name: round(v, 3) for name, v in rate.items()},
+        "ratio_stage_over_bare": {name: round(v, 3) for name, v in ratios.items()},
+        "headline": {"variant": best, "value": round(ratios[best], 3), "target": 0.8,
+                     "meets_target": ratios[best] >= 0.8},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["images_per_s"]), json.dumps(result["ratio_stage_over_bare"]), "→", args.out)
+    ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

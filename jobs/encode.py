@@ -1,0 +1,27 @@
+"""Stage 3: encode img2dataset webdataset shards into frozen-VAE latents of random crops + the crops at high resolution.
+
+    python -m jobs.encode --config conf/data/encode.yaml [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.encode --config conf/data/encode.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from jobs.config import parse_job_args
+from pipelines.encode import run_encode
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_job_args(__doc__)
+    result = run_encode(cfg)
+    stats = result.stats
+    state = "already complete, nothing done" if result.skipped else f"MLflow run {result.run_id}"
+    print(f"encode: {stats['encoded']}/{stats['images_in']} images encoded, skipped "
+          f"{json.dumps(stats['skipped'], sort_keys=True)} → {result.output} ({state})")
+
+
+if __name__ == "__main__":
+    main()

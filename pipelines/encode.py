@@ -1,0 +1,635 @@
+"""Stage 3: webdataset shards (img2dataset output) → frozen-VAE latents of random crops + the crops at high resolution.
+
+Per sample: decode with PIL under a decompression-bomb limit (failures are skipped and counted by reason), take a
+random crop seeded by the sample key (identical on every rerun), resize it to `input_size`² for the VAE and keep
+it at high resolution (long side ≤ `hr_max_side`). CPU tasks do all of that; a class-based UDF on an actor pool
+runs the VAE encoder (one VAE load per actor; on GPU in fp16/bf16).
+
+Output: one parquet file per input .tar, under `<output>/<fingerprint>/`, written to a temporary name and renamed
+when complete, with the shard's counts in its footer. A rerun skips shards whose output exists, so a killed run
+finishes with no duplicates and nothing lost. Parquet, not webdataset, because training reads this with Ray Data:
+the latent is a fixed-shape tensor column (`arrow.fixed_shape_tensor`, float16) that Ray turns into one
+(N, 4, h, w) array without decoding anything, and a reader can fetch latents without the image bytes.
+
+The high-resolution crop is stored as PNG (lossless) by default: the input is already JPEG, and a second JPEG
+generation adds new 8×8 block artefacts — on the latent's own 8× grid — that the decoder would learn to draw.
+`png_compress_level` 1 is several times faster than PIL's default 6 for ~10% more bytes; this stage is CPU-bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from infgen.data import random_crop_box
+from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
+                              read_json, resolve_files, write_json)
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes img2dataset can write
+SHARD_STATS_KEY = b"infgen.encode.shard_stats"
+DECODE_WORKER_BYTES = 768 * 2 ** 20  # a decode worker's own footprint (Python, PIL, torch imported)
+ROW_GROUP_BYTES = 64 * 2 ** 20  # buffer this much before writing a parquet row group (few, large groups)
+HR_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+@dataclass
+class EncodeConfig:
+    input: str  # .tar shards: a file, a directory, a glob, or a URI (s3://, gs://, ...)
+    output: str  # the stage writes <output>/<fingerprint>/
+    vae: str = "tiny"  # a hub id, a local diffusers directory, or "tiny"
+    vae_subfolder: Optional[str] = None
+    seed: int = 0
+    input_size: int = 512  # the VAE sees the crop at input_size²: latents are input_size/8 per side
+    min_side: int = 512  # shorter image side below this → skipped as too_small; also the smallest crop side
+    aspect_range: tuple = (1.0, 1.0)  # crop width/height, drawn per sample
+    hr_max_side: int = 2048  # the high-resolution crop is downscaled to this long side when larger
+    hr_format: str = "png"  # png (lossless) | jpeg | webp
+    hr_quality: int = 95  # jpeg / webp only
+    png_compress_level: int = 1
+    max_image_pixels: int = 100_000_000  # larger images are decompression bombs (PIL's warning is an error too)
+    batch_size: int = 16
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    num_gpus: float = 0.0  # per actor; > 0 runs the VAE on CUDA in `precision`
+    precision: str = "fp16"  # on GPU: fp16 | bf16 | fp32; on CPU always fp32
+    torch_threads: Optional[int] = None  # per actor; default: its CPUs
+    ray_address: Optional[str] = None
+    num_cpus: Optional[int] = None  # for a local Ray only
+    grid_samples: int = 4  # crops next to their VAE decode, logged to MLflow (0: none)
+    tracking: dict = field(default_factory=lambda: {"enabled": True, "uri": None, "experiment": "infgen-data"})
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> "EncodeConfig":
+        if not isinstance(config, Mapping):  # an OmegaConf DictConfig is a Mapping too
+            raise ValueError(f"encode config must be a mapping, got {type(config).__name__}")
+        values = _plain(config)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"encode config: unknown keys {sorted(unknown)}")
+        missing = {"input", "output"} - set(values)
+        if missing:
+            raise ValueError(f"encode config: missing keys {sorted(missing)}")
+        cfg = cls(**values)
+        cfg.aspect_range = tuple(float(a) for a in cfg.aspect_range)
+        unknown = set(cfg.tracking or {}) - {"enabled", "uri", "experiment"}
+        if unknown:
+            raise ValueError(f"encode config: unknown keys {sorted('tracking.' + k for k in unknown)}")
+        cfg.tracking = {"enabled": True, "uri": None, "experiment": "infgen-data", **(cfg.tracking or {})}
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"encode config: {key}={getattr(self, key)!r} {why}")
+
+        if self.input_size <= 0 or self.input_size % 8:
+            raise bad("input_size", "must be a positive multiple of 8")
+        if self.min_side < 1:
+            raise bad("min_side", "must be >= 1")
+        if len(self.aspect_range) != 2 or not 0 < self.aspect_range[0] <= self.aspect_range[1]:
+            raise bad("aspect_range", "must be [low, high] with 0 < low <= high")
+        if self.hr_max_side < self.min_side:
+            raise bad("hr_max_side", f"must be >= min_side ({self.min_side})")
+        if self.hr_format not in HR_FORMATS:
+            raise bad("hr_format", f"must be one of {sorted(HR_FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {sorted(PRECISIONS)}")
+        for key in ("batch_size", "num_actors", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        if self.num_gpus < 0 or self.cpus_per_actor <= 0:
+            raise bad("num_gpus" if self.num_gpus < 0 else "cpus_per_actor", "is out of range")
+
+    def output_params(self, vae_source: str) -> dict:
+        """What shapes the output (and so the fingerprint); not batch sizes, actor counts or tracking."""
+        keys = ("vae_subfolder", "seed", "input_size", "min_side", "aspect_range", "hr_max_side",
+                "hr_format", "hr_quality", "png_compress_level", "max_image_pixels")
+        # the tiny VAE's cache directory is named by a hash of its config: a refitted one gets a new output
+        vae = f"tiny:{os.path.basename(vae_source)}" if self.vae == "tiny" else self.vae
+        return {**{k: getattr(self, k) for k in keys}, "vae": vae, "vae_dtype": self.vae_dtype}
+
+    @property
+    def vae_dtype(self) -> str:
+        return PRECISIONS[self.precision] if self.num_gpus > 0 else "float32"
+
+
+def _plain(config: Mapping[str, Any]) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:
+        pass
+    return dict(config)
+
+
+# ---- per sample: decode, crop, resize (CPU tasks) ----------------------------------------------------------
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is the name it is counted under."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
+    """Encoded bytes → a fully loaded RGB image (EXIF orientation applied), or SkipSample(reason)."""
+    if data is None:
+        raise SkipSample("missing_image")
+    if len(data) == 0:
+        raise SkipSample("empty")
+    previous = Image.MAX_IMAGE_PIXELS  # PIL's limit is a module global: set it for this call only
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2× the limit
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SkipSample("decompression_bomb") from None
+    except UnidentifiedImageError:
+        raise SkipSample("not_an_image") from None
+    except ValueError as e:
+        # PNG text/ICC chunks that inflate past PIL's limits are bombs too
+        bomb = "decompressed data too large" in str(e).lower()
+        raise SkipSample("decompression_bomb" if bomb else "corrupt") from None
+    except (OSError, SyntaxError, EOFError, IndexError, TypeError):  # truncated / damaged streams
+        raise SkipSample("corrupt") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def sample_rng(key: str, seed: int) -> random.Random:
+    """A generator seeded by the sample key: the same crop on every run, however the data is batched."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def crop_box_for(key: str, width: int, height: int, cfg: EncodeConfig) -> tuple[int, int, int, int]:
+    """The sample's crop (left, top, right, bottom): short side >= min_side, width/height in aspect_range."""
+    if min(width, height) < cfg.min_side:
+        raise SkipSample("too_small")
+    # aspects a crop with short side >= min_side can have in this image, with a hair of slack for rounding
+    low = max(cfg.aspect_range[0], cfg.min_side / height * (1 + 1e-6))
+    high = min(cfg.aspect_range[1], width / cfg.min_side * (1 - 1e-6))
+    if cfg.aspect_range[0] == cfg.aspect_range[1] and low <= high:
+        low = high = cfg.aspect_range[0]
+    if low > high:
+        raise SkipSample("no_crop_in_aspect_range")
+    try:
+        return random_crop_box(width, height, sample_rng(key, cfg.seed), cfg.min_side, (low, high))
+    except ValueError:
+        raise SkipSample("no_crop_in_aspect_range") from None
+
+
+def encode_hr(image: Image.Image, cfg: EncodeConfig) -> bytes:
+    buffer = io.BytesIO()
+    if cfg.hr_format == "png":
+        image.save(buffer, format="PNG", compress_level=cfg.png_compress_level)
+    elif cfg.hr_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=cfg.hr_quality, subsampling=0)  # 4:4:4: keep chroma detail
+    else:
+        image.save(buffer, format="WEBP", quality=cfg.hr_quality)
+    return buffer.getvalue()
+
+
+def prepare_sample(key: str, data: Optional[bytes], cfg: EncodeConfig) -> dict:
+    """One sample → the VAE input (raw uint8 input_size²×3 bytes), the encoded HR crop and the geometry."""
+    image = decode_image(data, cfg.max_image_pixels)
+    width, height = image.size
+    box = crop_box_for(key, width, height, cfg)
+    crop = image.crop(box)
+    vae_input = crop.resize((cfg.input_size, cfg.input_size), Image.BICUBIC)
+    scale = cfg.hr_max_side / max(crop.size)
+    if scale < 1:
+        crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BICUBIC)
+    return {"pixels": np.asarray(vae_input, dtype=np.uint8).tobytes(), "hr": encode_hr(crop, cfg),
+            "hr_width": crop.width, "hr_height": crop.height, "crop_box": box,
+            "orig_width": width, "orig_height": height}
+
+
+def _text(value: Any) -> Optional[str]:
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else None
+
+
+def _url(meta: Any) -> Optional[str]:
+    try:
+        url = json.loads(meta).get("url") if isinstance(meta, (bytes, bytearray, str)) else None
+    except (ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) else None
+
+
+def prepare_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, np.ndarray]:
+    """A batch of read_webdataset rows (raw bytes) → prepared rows; failures get a skip_reason, not an error."""
+    n = len(batch["__key__"])
+    members = [batch[m] for m in IMAGE_MEMBERS if m in batch]
+    out: dict[str, list] = {k: [] for k in ("key", "shard", "skip_reason", "pixels", "hr", "hr_width", "hr_height",
+                                            "crop_box", "orig_width", "orig_height", "caption", "url")}
+    empty = {"pixels": b"", "hr": b"", "hr_width": 0, "hr_height": 0, "crop_box": (0, 0, 0, 0),
+             "orig_width": 0, "orig_height": 0}
+    for i in range(n):
+        key = str(batch["__key__"][i])
+        data = next((m[i] for m in members if isinstance(m[i], (bytes, bytearray))), None)
+        try:
+            row, reason = prepare_sample(key, data, cfg), ""
+        except SkipSample as e:
+            row, reason = empty, e.reason
+        except Exception as e:  # anything else is still one bad sample, not a dead stage: count it by name
+            log.warning("sample %s in %s: %s: %s", key, batch["__url__"][i], type(e).__name__, e)
+            row, reason = empty, f"error_{type(e).__name__}"
+        out["key"].append(key)
+        out["shard"].append(str(batch["__url__"][i]))
+        out["skip_reason"].append(reason)
+        out["caption"].append(_text(batch["txt"][i]) if "txt" in batch else None)
+        out["url"].append(_url(batch["json"][i]) if "json" in batch else None)
+        for k, v in row.items():
+            out[k].append(v)
+    ints = ("hr_width", "hr_height", "orig_width", "orig_height")
+    arrays = {k: _object_array(v) for k, v in out.items() if k not in ints and k != "crop_box"}
+    arrays.update({k: np.array(out[k], dtype=np.int32) for k in ints})
+    arrays["crop_box"] = np.array(out["crop_box"], dtype=np.int32).reshape(n, 4)
+    return arrays
+
+
+def _object_array(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)  # 1-D even when every bytes value has the same length
+    array[:] = values
+    return array
+
+
+# ---- the VAE encoder (actors) --------------------------------------------------------------------------------
+
+
+class EncodeUDF:
+    """Loads the frozen VAE once per actor; encodes each batch's prepared crops into float16 latents (bytes)."""
+
+    def __init__(self, vae: str, subfolder: Optional[str], input_size: int, num_gpus: float, precision: str,
+                 threads: int) -> None:
+        import torch
+
+        from infgen.vae import load_vae
+
+        torch.set_num_threads(max(1, threads))  # one actor per core share: no oversubscription with decode tasks
+        if num_gpus > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"num_gpus={num_gpus} but CUDA is not available on this actor")
+        self.device = "cuda" if num_gpus > 0 else "cpu"
+        dtype = getattr(torch, PRECISIONS[precision]) if self.device == "cuda" else torch.float32
+        self.vae = load_vae(vae, subfolder=subfolder, dtype=dtype, device=self.device)
+        self.input_size = input_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        pixels = batch.pop("pixels")
+        reasons = np.array(batch["skip_reason"], dtype=object)  # a writable copy
+        latents = np.full(len(pixels), b"", dtype=object)
+        ok = [i for i, p in enumerate(pixels) if len(p)]
+        if ok:
+            s = self.input_size
+            x = np.stack([np.frombuffer(pixels[i], np.uint8) for i in ok]).reshape(len(ok), s, s, 3)
+            x = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            z = self.vae.encode(x).cpu().numpy()
+            with np.errstate(over="ignore"):
+                z = z.astype(np.float16)
+            finite = np.isfinite(z).reshape(len(ok), -1).all(axis=1)  # fp16 overflow or a NaN from the VAE
+            for j, i in enumerate(ok):
+                if finite[j]:
+                    latents[i] = z[j].tobytes()
+                else:
+                    reasons[i] = "non_finite_latent"
+        batch["latent"], batch["skip_reason"] = latents, reasons
+        return batch
+
+
+# ---- output shards -------------------------------------------------------------------------------------------
+
+
+def output_schema(latent_shape: tuple[int, ...]) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()),
+        ("latent", pa.fixed_shape_tensor(pa.float16(), latent_shape)),  # scaled latents, as diffusion models make
+        ("hr", pa.binary()),  # the crop at high resolution, encoded (format in the footer and _stats.json)
+        ("hr_width", pa.int32()), ("hr_height", pa.int32()),
+        ("crop_box", pa.fixed_shape_tensor(pa.int32(), (4,))),  # left, top, right, bottom in original pixels
+        ("orig_width", pa.int32()), ("orig_height", pa.int32()),  # after EXIF orientation
+        ("caption", pa.string()), ("url", pa.string()),
+    ])
+
+
+class ShardWriter:
+    """One output shard: row groups streamed to a temporary file; `commit` adds the counts and renames it."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, latent_shape: tuple[int, ...]) -> None:
+        self.fs, self.path, self.schema, self.latent_shape = fs, path, schema, latent_shape
+        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.sink = fs.open_output_stream(self.tmp)
+        self.writer = pq.ParquetWriter(self.sink, schema)
+        self.counts: Counter = Counter()
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        reasons = rows["skip_reason"]
+        self.counts["images_in"] += len(reasons)
+        self.counts.update(f"skipped.{r}" for r in reasons if r)
+        keep = np.flatnonzero(reasons == "")
+        if not len(keep):
+            return
+        latents = np.stack([np.frombuffer(b, np.float16) for b in rows["latent"][keep]])
+        boxes = np.ascontiguousarray(rows["crop_box"][keep], np.int32)
+        table = pa.table({
+            "key": pa.array(rows["key"][keep], pa.string()),
+            "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents.reshape(len(keep), *self.latent_shape)),
+            "hr": pa.array(rows["hr"][keep], pa.binary()),
+            "hr_width": pa.array(rows["hr_width"][keep], pa.int32()),
+            "hr_height": pa.array(rows["hr_height"][keep], pa.int32()),
+            "crop_box": pa.FixedShapeTensorArray.from_numpy_ndarray(boxes),
+            "orig_width": pa.array(rows["orig_width"][keep], pa.int32()),
+            "orig_height": pa.array(rows["orig_height"][keep], pa.int32()),
+            "caption": pa.array(rows["caption"][keep], pa.string()),
+            "url": pa.array(rows["url"][keep], pa.string()),
+        }, schema=self.schema)
+        self.counts["encoded"] += len(keep)
+        self.buffer.append(table)
+        self.buffered += table.nbytes
+        if self.buffered >= ROW_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.concat_tables(self.buffer))
+        self.buffer, self.buffered = [], 0
+
+    def commit(self) -> dict:
+        self.flush()
+        stats = shard_stats(self.counts)
+        self.writer.add_key_value_metadata({SHARD_STATS_KEY: json.dumps(stats)})
+        self.writer.close()
+        self.sink.close()
+        self.fs.move(self.tmp, self.path)  # the rename is the commit: a reader never sees half a shard
+        return stats
+
+
+def shard_stats(counts: Mapping[str, int]) -> dict:
+    skipped = {k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("skipped.")}
+    return {"images_in": counts.get("images_in", 0), "encoded": counts.get("encoded", 0), "skipped": skipped}
+
+
+def read_shard_stats(fs: pafs.FileSystem, path: str) -> dict:
+    with fs.open_input_file(path) as f:
+        metadata = pq.read_metadata(f).metadata or {}
+    if SHARD_STATS_KEY not in metadata:
+        raise ValueError(f"{path}: not an encode output shard (no {SHARD_STATS_KEY.decode()} in its footer)")
+    return json.loads(metadata[SHARD_STATS_KEY])
+
+
+def shard_names(paths: list[str]) -> dict[str, str]:
+    """Input .tar → output file name: its path below the inputs' common directory, '/' → '__', .parquet."""
+    base = os.path.commonpath([os.path.dirname(p) for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
+    names = {p: os.path.relpath(p, base).replace(os.sep, "__").removesuffix(".tar") + ".parquet" for p in paths}
+    if len(set(names.values())) != len(names):
+        raise ValueError("input shards map to clashing output names: " + ", ".join(sorted(names)))
+    return names
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def remove_partial_files(fs: pafs.FileSystem, directory: str) -> int:
+    """Temporary shards left by a killed run (never read: they do not end in .parquet)."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    stale = [i.path for i in infos if i.type == pafs.FileType.File and ".tmp-" in os.path.basename(i.path)]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+
+
+def resolve_vae(cfg: EncodeConfig) -> tuple[str, tuple[int, int, int], float]:
+    """(local source, latent shape, scaling factor), read from the VAE's config without its weights. 'tiny' is
+    fitted here, once, before any actor starts: the actors (on this machine) then find it cached."""
+    from diffusers import AutoencoderKL
+
+    from infgen.vae import TINY_VAE, materialise_tiny_vae
+
+    source = str(materialise_tiny_vae()) if cfg.vae == TINY_VAE else cfg.vae
+    try:
+        config = AutoencoderKL.load_config(source, subfolder=cfg.vae_subfolder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"encode config: vae={cfg.vae!r} could not be loaded ({e}). Offline, pass a local "
+                         f"diffusers directory or 'tiny'.") from None
+    scale = 2 ** (len(config["block_out_channels"]) - 1)
+    if cfg.input_size % scale:
+        raise ValueError(f"encode config: input_size={cfg.input_size} is not a multiple of the VAE's {scale}× scale")
+    side = cfg.input_size // scale
+    return source, (int(config["latent_channels"]), side, side), float(config.get("scaling_factor", 0.18215))
+
+
+def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str], names: Mapping[str, str],
+                  fs_out: pafs.FileSystem, out_dir: str, latent_shape: tuple[int, int, int]) -> dict[str, dict]:
+    """Run the Ray Data pipeline over `pending` shards; write each output shard as soon as it is complete."""
+    import ray
+
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    # raw bytes, so that decoding errors are ours to count (one read task per .tar)
+    ds = ray.data.read_webdataset(pending, filesystem=fs_in, decoder=None, override_num_blocks=len(pending))
+    # Decode tasks reserve memory for a worker (torch is imported) plus the largest image they may hold, decoded
+    # and converted. Besides protecting nodes with many cores, this keeps Ray from fusing them into the VAE
+    # actors (it fuses only ops with equal resources): decoding runs on every free CPU, beside the encoder.
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="numpy",
+                        udf_modifying_row_count=False, memory=DECODE_WORKER_BYTES + cfg.max_image_pixels * 3 * 2)
+    ds = ds.map_batches(
+        EncodeUDF, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_gpus=cfg.num_gpus,
+        num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy", udf_modifying_row_count=False,
+        fn_constructor_kwargs=dict(vae=cfg.vae, subfolder=cfg.vae_subfolder, input_size=cfg.input_size,
+                                   num_gpus=cfg.num_gpus, precision=cfg.precision,
+                                   threads=cfg.torch_threads or math.ceil(cfg.cpus_per_actor)))
+    # rows arrive in input order, so a shard is complete when the next shard's first row arrives
+    ds.context.execution_options.preserve_order = True
+
+    schema = output_schema(latent_shape)
+    written: dict[str, dict] = {}
+    writer: Optional[ShardWriter] = None
+    current: Optional[str] = None
+    start = time.perf_counter()
+
+    def commit() -> None:
+        written[current] = writer.commit()
+        log.info("encode: %s → %s (%s) after %.1f s", current, names[current], json.dumps(written[current]),
+                 time.perf_counter() - start)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard, rows in _runs_by_shard(batch):
+            if shard != current:
+                if writer is not None:
+                    commit()
+                if shard in written or shard not in names:
+                    raise RuntimeError(f"rows of shard {shard} arrived out of order or from an unknown input")
+                current, writer = shard, ShardWriter(fs_out, f"{out_dir}/{names[shard]}", schema, latent_shape)
+                log.info("encode: first rows of %s after %.1f s", shard, time.perf_counter() - start)
+            writer.add(rows)
+    if writer is not None:
+        commit()
+    for shard in pending:  # a .tar with no samples still gets its (empty) output shard
+        if shard not in written:
+            written[shard] = ShardWriter(fs_out, f"{out_dir}/{names[shard]}", schema, latent_shape).commit()
+    return written
+
+
+def _runs_by_shard(batch: dict[str, np.ndarray]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    shards = batch["shard"]
+    starts = [0] + [i for i in range(1, len(shards)) if shards[i] != shards[i - 1]] + [len(shards)]
+    for a, b in zip(starts, starts[1:]):
+        yield str(shards[a]), {k: v[a:b] for k, v in batch.items()}
+
+
+def aggregate_stats(fs: pafs.FileSystem, out_dir: str, output_names: list[str]) -> dict:
+    total: Counter = Counter()
+    for name in output_names:
+        stats = read_shard_stats(fs, f"{out_dir}/{name}")
+        total.update(images_in=stats["images_in"], encoded=stats["encoded"])
+        total.update({f"skipped.{k}": v for k, v in stats["skipped"].items()})
+    stats = shard_stats(total)
+    stats["skipped_total"] = sum(stats["skipped"].values())
+    return stats
+
+
+def run_encode(config: Mapping[str, Any]) -> StageResult:
+    """Encode every input shard not encoded yet; finish with `_stats.json` and `_SUCCESS` (see module doc)."""
+    from pipelines.tracking import Tracker, config_hash
+
+    cfg = EncodeConfig.from_mapping(config)
+    fs_in, inputs = resolve_files(cfg.input, suffix=".tar")
+    names = shard_names(inputs)
+    vae_source, latent_shape, scaling_factor = resolve_vae(cfg)
+    fs_out, root = output_root(cfg.output)
+    out_dir = f"{root.rstrip('/')}/{fingerprint(fs_in, inputs, cfg.output_params(vae_source))}"
+    if is_complete(fs_out, out_dir):
+        log.info("encode: %s is complete, nothing to do", out_dir)
+        return StageResult(output=out_dir, stats=read_json(fs_out, f"{out_dir}/{STATS}"), skipped=True)
+    fs_out.create_dir(out_dir, recursive=True)
+    remove_partial_files(fs_out, out_dir)
+    pending = [p for p in inputs if not _exists(fs_out, f"{out_dir}/{names[p]}")]
+    log.info("encode: %d input shards, %d already encoded, output %s", len(inputs), len(inputs) - len(pending), out_dir)
+
+    lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": out_dir,
+               "infgen.fingerprint": os.path.basename(out_dir), "infgen.config_hash": config_hash(asdict(cfg))}
+    tracker = (Tracker(cfg.tracking.get("uri"), cfg.tracking.get("experiment", "infgen-data"), run_name="encode",
+                       tags=lineage) if cfg.tracking.get("enabled", True) else None)
+    with tracker or contextlib.nullcontext():
+        if tracker:
+            tracker.log_params({**asdict(cfg), "num_input_shards": len(inputs), "num_pending_shards": len(pending)})
+        start = time.perf_counter()
+        written = encode_shards(cfg, fs_in, pending, names, fs_out, out_dir, latent_shape) if pending else {}
+        seconds = time.perf_counter() - start
+        stats = aggregate_stats(fs_out, out_dir, [names[p] for p in inputs])
+        images_run = sum(s["images_in"] for s in written.values())
+        stats.update(
+            shards=len(inputs), latent_shape=list(latent_shape), latent_dtype="float16", scaling_factor=scaling_factor,
+            vae=cfg.vae, hr_format=cfg.hr_format, input_size=cfg.input_size,
+            last_run={"shards_encoded": len(written), "shards_resumed": len(inputs) - len(pending),
+                      "images_in": images_run, "seconds": round(seconds, 3),
+                      "images_per_s": round(images_run / seconds, 3) if seconds > 0 else None})
+        write_json(fs_out, f"{out_dir}/{STATS}", stats)
+        mark_success(fs_out, out_dir)
+        if tracker:
+            log_to_mlflow(tracker, cfg, stats, fs_out, out_dir, [names[p] for p in inputs])
+    return StageResult(output=out_dir, stats=stats, run_id=tracker.run_id if tracker else None)
+
+
+# ---- MLflow --------------------------------------------------------------------------------------------------
+
+
+def log_to_mlflow(tracker: Any, cfg: EncodeConfig, stats: dict, fs: pafs.FileSystem, out_dir: str,
+                  output_names: list[str]) -> None:
+    run = stats["last_run"]
+    tracker.log_metrics({"images_in": stats["images_in"], "encoded": stats["encoded"],
+                         "skipped_total": stats["skipped_total"], "images_per_s": run["images_per_s"],
+                         "seconds": run["seconds"], **{f"skipped_{k}": v for k, v in stats["skipped"].items()}})
+    tracker.log_dict(stats, "encode_stats.json")
+    if cfg.grid_samples <= 0:
+        return
+    try:  # a preview is worth a warning, never a failed stage
+        grid = sample_grid(cfg, fs, out_dir, output_names)
+    except Exception as e:
+        log.warning("encode: sample grid failed: %s: %s", type(e).__name__, e)
+        return
+    if grid is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "encode_samples.png")
+            with open(path, "wb") as f:
+                f.write(grid)
+            tracker.log_artifact(path)
+
+
+def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_names: list[str]) -> Optional[bytes]:
+    """PNG: the first few crops (top, as the VAE saw them) over the VAE decode of their latents (bottom)."""
+    import ray
+
+    rows: list[dict] = []
+    for name in output_names:
+        with fs.open_input_file(f"{out_dir}/{name}") as f:
+            table = pq.read_table(f, columns=["latent", "hr"]).slice(0, cfg.grid_samples - len(rows))
+        rows += [{"latent": table["latent"].combine_chunks().to_numpy_ndarray()[i], "hr": table["hr"][i].as_py()}
+                 for i in range(len(table))]
+        if len(rows) >= cfg.grid_samples:
+            break
+    if not rows:
+        return None
+    latents = np.stack([r["latent"] for r in rows])
+    # the decode runs where the encoder ran (a GPU when there is one), not on the driver
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    task = ray.remote(_decode_latents).options(num_gpus=cfg.num_gpus, num_cpus=1)
+    decoded = ray.get(task.remote(cfg.vae, cfg.vae_subfolder, latents, cfg.num_gpus))
+    cell = min(cfg.input_size, 256)
+    grid = Image.new("RGB", (cell * len(rows), cell * 2))
+    for i, (row, image) in enumerate(zip(rows, decoded)):
+        crop = Image.open(io.BytesIO(row["hr"])).convert("RGB")
+        grid.paste(crop.resize((cell, cell), Image.BICUBIC), (i * cell, 0))
+        grid.paste(Image.fromarray(image).resize((cell, cell), Image.BICUBIC), (i * cell, cell))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _decode_latents(vae_source: str, subfolder: Optional[str], latents: np.ndarray, num_gpus: float) -> list:
+    import torch
+
+    from infgen.vae import load_vae
+
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    vae = load_vae(vae_source, subfolder=subfolder, device=device)
+    images = vae.decode(torch.from_numpy(latents.astype(np.float32)))
+    return list(((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
