@@ -121,7 +121,7 @@ def main() -> None:
     shards = make_shards(work, args.images, args.per_shard)
     base = dict(input=str(work / "shards"), vae="tiny", input_size=512, min_side=512, hr_max_side=2048,
                 hr_format="png", batch_size=args.batch_size, num_actors=args.num_actors,
-                cpus_per_actor=args.cpus_per_actor, grid_samples=0, tracking={"enabled": False})
+                cpus_per_actor=args.cpus_per_actor, grid_samples=0, mlflow={"enabled": False})
     cfg = EncodeConfig.from_mapping({**base, "output": str(work / "unused")})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)  # a cluster exists already
 

@@ -66,7 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "save_columns": None, "max_long_side": None, "min_image_size": 1024, "max_image_pixels": 100_000_000,
     "encode_format": "jpg", "encode_quality": 95, "number_sample_per_shard": 10000, "timeout": 10,
     "retries": 1, "processes_count": 2, "thread_count": 32, "distributor": "multiprocessing",
-    "ray_address": None, "retry_failed": False, "user_agent_token": None,
+    "retry_failed": False, "user_agent_token": None,
+    "ray": {"address": None, "num_cpus": None},
     "mlflow": {"tracking_uri": None, "experiment": "infgen-data"},
 }
 # the parameters that decide what lands in the shards: they (and the input files) name the output directory;
@@ -175,7 +176,8 @@ def _config(config: Any) -> dict[str, Any]:
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"download config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **config, "mlflow": {**DEFAULTS["mlflow"], **(config.get("mlflow") or {})}}
+    cfg = {**DEFAULTS, **config, "mlflow": {**DEFAULTS["mlflow"], **(config.get("mlflow") or {})},
+           "ray": {**DEFAULTS["ray"], **(config.get("ray") or {})}}
     if not cfg["input"]:
         raise ValueError("download config: set input=<the filter stage's output directory>")
     if cfg["distributor"] not in ("multiprocessing", "ray"):
@@ -321,7 +323,7 @@ def _download(out: _Output, cfg: dict) -> None:
     save = ["row_id"] + [_stored_name(c) for c in params["save_columns"]]
     if cfg["distributor"] == "ray":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        init_ray(cfg["ray_address"])
+        init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
     previous = signal.getsignal(signal.SIGINT)  # img2dataset installs its own SIGINT handler: restore ours after
     try:
         img2dataset.download(

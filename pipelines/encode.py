@@ -74,10 +74,9 @@ class EncodeConfig:
     num_gpus: float = 0.0  # per actor; > 0 runs the VAE on CUDA in `precision`
     precision: str = "fp16"  # on GPU: fp16 | bf16 | fp32; on CPU always fp32
     torch_threads: Optional[int] = None  # per actor; default: its CPUs
-    ray_address: Optional[str] = None
-    num_cpus: Optional[int] = None  # for a local Ray only
+    ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})  # num_cpus: local Ray only
     grid_samples: int = 4  # crops next to their VAE decode, logged to MLflow (0: none)
-    tracking: dict = field(default_factory=lambda: {"enabled": True, "uri": None, "experiment": "infgen-data"})
+    mlflow: dict = field(default_factory=lambda: {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"})
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "EncodeConfig":
@@ -92,10 +91,12 @@ class EncodeConfig:
             raise ValueError(f"encode config: missing keys {sorted(missing)}")
         cfg = cls(**values)
         cfg.aspect_range = tuple(float(a) for a in cfg.aspect_range)
-        unknown = set(cfg.tracking or {}) - {"enabled", "uri", "experiment"}
-        if unknown:
-            raise ValueError(f"encode config: unknown keys {sorted('tracking.' + k for k in unknown)}")
-        cfg.tracking = {"enabled": True, "uri": None, "experiment": "infgen-data", **(cfg.tracking or {})}
+        for section, known in (("mlflow", {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"}),
+                               ("ray", {"address": None, "num_cpus": None})):
+            unknown = set(getattr(cfg, section) or {}) - set(known)
+            if unknown:
+                raise ValueError(f"encode config: unknown keys {sorted(f'{section}.{k}' for k in unknown)}")
+            setattr(cfg, section, {**known, **(getattr(cfg, section) or {})})
         cfg.validate()
         return cfg
 
@@ -460,7 +461,7 @@ def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str],
     """Run the Ray Data pipeline over `pending` shards; write each output shard as soon as it is complete."""
     import ray
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
+    init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
     # raw bytes, so that decoding errors are ours to count (one read task per .tar)
     ds = ray.data.read_webdataset(pending, filesystem=fs_in, decoder=None, override_num_blocks=len(pending))
     # Decode tasks reserve memory for a worker (torch is imported) plus the largest image they may hold, decoded
@@ -544,8 +545,8 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
 
     lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": out_dir,
                "infgen.fingerprint": os.path.basename(out_dir), "infgen.config_hash": config_hash(asdict(cfg))}
-    tracker = (Tracker(cfg.tracking.get("uri"), cfg.tracking.get("experiment", "infgen-data"), run_name="encode",
-                       tags=lineage) if cfg.tracking.get("enabled", True) else None)
+    tracker = (Tracker(cfg.mlflow["tracking_uri"], cfg.mlflow["experiment"], run_name="encode", tags=lineage)
+               if cfg.mlflow["enabled"] else None)
     with tracker or contextlib.nullcontext():
         if tracker:
             tracker.log_params({**asdict(cfg), "num_input_shards": len(inputs), "num_pending_shards": len(pending)})
@@ -610,7 +611,7 @@ def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_nam
         return None
     latents = np.stack([r["latent"] for r in rows])
     # the decode runs where the encoder ran (a GPU when there is one), not on the driver
-    init_ray(cfg.ray_address, cfg.num_cpus)
+    init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
     task = ray.remote(_decode_latents).options(num_gpus=cfg.num_gpus, num_cpus=1)
     decoded = ray.get(task.remote(cfg.vae, cfg.vae_subfolder, latents, cfg.num_gpus))
     cell = min(cfg.input_size, 256)

@@ -85,7 +85,9 @@ def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarr
     """The last `count` rows of the last shard: never trained on, decoded in every sample grid."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(paths[-1], filesystem=fs, columns=["key", "latent", "hr"])
+    with fs.open_input_file(paths[-1]) as f:  # only the last row group: shards hold gigabytes of PNGs
+        parquet = pq.ParquetFile(f)
+        table = parquet.read_row_group(parquet.num_row_groups - 1, columns=["key", "latent", "hr"])
     table = table.slice(max(0, table.num_rows - count))
     latents = table.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32)
     return table.column("key").to_pylist(), latents, table.column("hr").to_pylist()
@@ -144,11 +146,12 @@ def train_loop(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg["train"]
     device = ray.train.torch.get_device()
-    torch.manual_seed(train["seed"] + rank)
     torch.set_num_threads(max(1, int(train.get("threads_per_worker") or 1)))
 
+    torch.manual_seed(train["seed"])  # the same initial weights (and LPIPS network) on every rank
     model = ray.train.torch.prepare_model(build_model(cfg))
     loss = InfGenLoss(dataclass_from(LossConfig, cfg["loss"])).to(device)
+    torch.manual_seed(train["seed"] + rank)
     if world > 1:
         loss.discriminator = ray.train.torch.prepare_model(loss.discriminator)
     trainer = InfGenTrainer(model, loss, dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
@@ -306,7 +309,7 @@ def run_train(config: Any) -> TrainResult:
     dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
                .filter(expr=~ray.data.expressions.col("key").is_in(keys))
                .select_columns(["latent", "hr"])
-               .randomize_block_order(seed=train["seed"]))
+               .randomize_block_order())  # a new block order every epoch
 
     storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
     loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),

@@ -70,7 +70,7 @@ def shards(photo_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def config(input_spec, output, **overrides) -> dict:
     base = dict(input=str(input_spec), output=str(output), vae="tiny", input_size=SIZE, min_side=SIZE,
                 aspect_range=[0.75, 1.333], hr_max_side=1024, batch_size=4, num_actors=1, grid_samples=0,
-                tracking={"enabled": False})
+                mlflow={"enabled": False})
     return {**base, **overrides}
 
 
@@ -86,7 +86,7 @@ def read_rows(output: str) -> dict:
 def first_run(shards, ray_local, tiny_vae, mlflow_server, tmp_path_factory):
     directory, _ = shards
     cfg = config(directory, tmp_path_factory.mktemp("encoded"), grid_samples=3,
-                 tracking={"uri": mlflow_server, "experiment": "test-encode"})
+                 mlflow={"tracking_uri": mlflow_server, "experiment": "test-encode"})
     return cfg, run_encode(cfg)
 
 
@@ -183,10 +183,10 @@ def test_killed_midway_then_rerun_loses_and_duplicates_nothing(photo_dir, ray_lo
     groups = [GOOD[i:i + 2] for i in range(0, 8, 2)] + [GOOD[:2]]  # 5 shards, 2 photos each
     keys = pack_shards(photo_dir, tmp_path / "shards", groups, prefix="k")
     overrides = config(tmp_path / "shards", tmp_path / "out", batch_size=1)
-    args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items() if k != "tracking"]
+    args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items() if k != "mlflow"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.encode", "--config", "conf/data/encode.yaml", *args,
-                             "tracking.enabled=false"], cwd=ROOT, env=env,
+                             "mlflow.enabled=false"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     while not list((tmp_path / "out").glob("*/*.parquet")) and proc.poll() is None and time.time() < deadline:

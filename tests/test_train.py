@@ -1,6 +1,7 @@
 """Training on Ray Train: 2 gloo workers, checkpoints, failure + restart, resume by rerunning, MLflow."""
 
 import io
+import os
 import subprocess
 import sys
 import time
@@ -87,8 +88,6 @@ def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
     command = [sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "train.yaml")]
     env = {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    import os
-
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     run_dir = tmp_path / "train" / cfg.name
