@@ -17,6 +17,13 @@ SUCCESS = "_SUCCESS"
 STATS = "_stats.json"
 
 
+def plain_config(config: Any) -> dict:
+    """An OmegaConf config (as jobs/ load it) or any mapping → a plain dict, what Ray can ship to workers."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Connect to a cluster (`address`, or RAY_ADDRESS as `ray job submit` sets it) or start a local one."""
     import ray

@@ -55,8 +55,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, read_json,
-                              resolve_files, write_json)
+from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
+                              read_json, resolve_files, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ def run_download(config: Any) -> StageResult:
 # ---- configuration and location -----------------------------------------------------------------------------
 
 def _config(config: Any) -> dict[str, Any]:
-    if not isinstance(config, Mapping):  # an OmegaConf DictConfig
-        from omegaconf import OmegaConf
-        config = OmegaConf.to_container(config, resolve=True)
+    config = plain_config(config)
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"download config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")

@@ -41,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infgen.data import random_crop_box
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
+                              plain_config,
                               read_json, resolve_files, write_json)
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class EncodeConfig:
     def from_mapping(cls, config: Mapping[str, Any]) -> "EncodeConfig":
         if not isinstance(config, Mapping):  # an OmegaConf DictConfig is a Mapping too
             raise ValueError(f"encode config must be a mapping, got {type(config).__name__}")
-        values = _plain(config)
+        values = plain_config(config)
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"encode config: unknown keys {sorted(unknown)}")
@@ -133,17 +134,6 @@ class EncodeConfig:
     @property
     def vae_dtype(self) -> str:
         return PRECISIONS[self.precision] if self.num_gpus > 0 else "float32"
-
-
-def _plain(config: Mapping[str, Any]) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:
-        pass
-    return dict(config)
 
 
 # ---- per sample: decode, crop, resize (CPU tasks) ----------------------------------------------------------

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success,
+from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
                               output_root, read_json, remove_dir, resolve_files, write_json)
 
 
@@ -88,9 +88,7 @@ _LOCALHOST_RE = r"^[^/]*//[^/?#]*\.(?i:localhost)\.?(?::[0-9]*)?(?:[/?#]|$)"
 # ---- configuration and inputs -----------------------------------------------------------------------------
 
 def _config_dict(config: Any) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    config = plain_config(config)
     unknown = set(config) - set(DEFAULTS) - OTHER_KEYS
     if unknown:
         raise ValueError(f"filter config: unknown keys {sorted(unknown)} (known: {sorted(set(DEFAULTS) | OTHER_KEYS)})")

@@ -30,8 +30,8 @@ from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 
-from .common import init_ray, resolve_files
-from .tracking import Tracker, config_hash
+from pipelines.common import init_ray, plain_config, resolve_files
+from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,6 @@ class TrainResult:
     checkpoint: Optional[str]  # the last checkpoint directory
     metrics: dict
     run_id: Optional[str]
-
-
-def plain(config: Any) -> dict:
-    """An OmegaConf config or a mapping → a plain dict (what Ray ships to the workers)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:
-        pass
-    return dict(config)
 
 
 def dataclass_from(cls, values: Mapping[str, Any], **extra):
@@ -296,7 +284,7 @@ def run_train(config: Any) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = plain(config)
+    cfg = plain_config(config)
     train = cfg["train"]
     if train["batch_size"] % train["num_workers"]:
         raise ValueError(f"train.batch_size {train['batch_size']} is not divisible by train.num_workers "
