@@ -54,12 +54,14 @@ class Tracker:
 
     def __init__(self, tracking_uri: Optional[str], experiment: str, run_name: str,
                  tags: Optional[Mapping[str, str]] = None, parent_run_id: Optional[str] = None,
-                 retries: int = 3, backoff_s: float = 1.0, run_id: Optional[str] = None) -> None:
+                 retries: int = 3, backoff_s: float = 1.0, run_id: Optional[str] = None,
+                 reconnect_s: float = 60.0) -> None:
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
         self.experiment, self.run_name = experiment, run_name
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV)
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.reconnect_s = retries, backoff_s, reconnect_s
+        self._next_start = 0.0  # after a failed start, calls are skipped until then (a dead server is cheap)
         self.resume_run_id = run_id  # continue this run (a resumed training) instead of creating one
         self.run_id: Optional[str] = None
         self.client = None
@@ -89,7 +91,11 @@ class Tracker:
             return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
         self.run_id = self._try("start run", create)
-        if self.run_id:
+        if self.run_id is None:
+            self._next_start = time.monotonic() + self.reconnect_s
+            log.warning("MLflow unreachable at %s: logging is skipped, retried in %.0f s", self.tracking_uri,
+                        self.reconnect_s)
+        else:
             log.info("MLflow run %s (%s) at %s", self.run_id, self.run_name, self.tracking_uri)
         return self.run_id
 
@@ -143,8 +149,8 @@ class Tracker:
     # ---- failure handling ---------------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        if self.run_id is None:  # never started (server down at start): try again now
-            if self.start() is None:
+        if self.run_id is None:  # never started (server down): try again, at most every reconnect_s
+            if time.monotonic() < self._next_start or self.start() is None:
                 return None
         return self._try(what, fn)
 

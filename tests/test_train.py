@@ -119,3 +119,16 @@ def test_stage2_starts_from_stage1(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(stage1.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="neither a training checkpoint"):
         build_model({**cfg, "init_from": str(tmp_path)})
+
+
+def test_unreachable_tracking_server_does_not_stop_training(ray_local, encoded, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = config(encoded, tmp_path / "train", dead, steps=8, checkpoint_every=4, log_every=4, sample_every=4)
+    result = run_train(cfg)  # warns, keeps training
+    assert result.run_id is None
+    assert torch.load(Path(result.checkpoint) / STATE_FILE, weights_only=False)["trainer"]["step"] == 8
+    assert InfGen.from_pretrained(result.model_dir).config.width == 64
