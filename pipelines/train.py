@@ -185,17 +185,18 @@ def train_loop(cfg: dict) -> None:
             if train.get("fail_at_step") == step and rank == world - 1:
                 fail_once(cfg, step)
             progress.add(step_log)
-            report_now = step % train["log_every"] == 0 or step % train["checkpoint_every"] == 0 or step == train["steps"]
-            if not report_now:
+            due = {every: step % train[every] == 0 or step == train["steps"]
+                   for every in ("log_every", "sample_every", "checkpoint_every")}
+            if not any(due.values()):
                 continue
             metrics = {**progress.flush(step), "step": step}
             if rank == 0:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
                 print(f"[train] step {step}/{train['steps']} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
                       f"{metrics['samples_per_s']:.1f} samples/s ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
-                if step % train["sample_every"] == 0 or step == train["steps"]:
+                if due["sample_every"]:
                     sampler.log(trainer.ema, tracker, step)
-            if step % train["checkpoint_every"] == 0 or step == train["steps"]:
+            if due["checkpoint_every"]:
                 save_checkpoint(trainer, rank, run_id, metrics)
             else:
                 ray.train.report(metrics)
