@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,14 +25,7 @@ from infgen.training import InfGenTrainer, OptimConfig
 from infgen.upsample import iterative_decode
 from infgen.vae import load_vae
 from jobs.config import parse_job_args
-
-
-def dataclass_from(cls, section: DictConfig, **extra):
-    values = {**OmegaConf.to_container(section), **extra}
-    unknown = set(values) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    return cls(**values)
+from pipelines.common import dataclass_from
 
 
 def train(cfg: DictConfig, vae, photos: dict) -> InfGen:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 import pyarrow.fs as pafs
@@ -22,6 +22,15 @@ def plain_config(config: Any) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+
+
+def dataclass_from(cls, values: Any, **extra):
+    """A config section (OmegaConf or mapping) plus `extra` → the dataclass `cls`; unknown keys are an error."""
+    values = {**plain_config(values), **extra}
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys in the config: {unknown}")
+    return cls(**values)
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:

@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infgen.data import random_target_size
+from infgen.data import random_target_size, targets_at
 from infgen.images import resize, to_tensor
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
+from infgen.vae import load_vae
 
-from pipelines.common import init_ray, plain_config, resolve_files
+from pipelines.common import dataclass_from, init_ray, plain_config, resolve_files
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ class TrainResult:
     run_id: Optional[str]
 
 
-def dataclass_from(cls, values: Mapping[str, Any], **extra):
-    values = {**values, **extra}
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys in the config: {unknown}")
-    return cls(**values)
-
-
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +59,7 @@ def target_size_for_step(train: Mapping[str, Any], step: int) -> tuple[int, int]
 def decode_targets(hr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (antialiased) to `size`."""
     images = [to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in hr]
-    return torch.cat([resize(image[None], size, mode="bicubic") for image in images])
+    return torch.cat([targets_at(image[None], size) for image in images])  # crops differ in size: one by one
 
 
 def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
@@ -243,8 +236,6 @@ class SampleGrid:
     baseline (VAE decode at native size + bicubic), logged as an image every `sample_every` steps."""
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device) -> None:
-        from infgen.vae import load_vae
-
         samples = cfg["samples"]
         self.sizes = [tuple(s) for s in samples["sizes"]]
         self.latents = torch.from_numpy(np.asarray(samples["latents"], dtype=np.float32))
