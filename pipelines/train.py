@@ -291,6 +291,9 @@ def run_train(config: Any) -> TrainResult:
                .select_columns(["latent", "hr"])
                .randomize_block_order())  # a new block order every epoch
 
+    # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
+    cfg["model"] = {"scaling_factor": load_vae(cfg["vae"]).scaling_factor, **(cfg.get("model") or {})}
+
     storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
     loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
                 "params": {k: v for k, v in cfg.items() if k not in ("ray",)},

@@ -52,7 +52,7 @@ def config(encoded, output, tracking_uri, **train):
     return cfg
 
 
-def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path, mlflow_server):
+def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path, mlflow_server, tiny_vae):
     cfg = config(encoded, tmp_path / "train", mlflow_server, fail_at_step=11)
     result = run_train(cfg)
 
@@ -66,6 +66,7 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
 
     model = InfGen.from_pretrained(result.model_dir)
     assert model.decode(torch.randn(1, 4, 16, 16), (96, 160)).shape == (1, 3, 96, 160)
+    assert model.config.scaling_factor == tiny_vae.scaling_factor  # the latent space it was trained in
 
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(result.run_id, "loss")
