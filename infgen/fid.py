@@ -160,8 +160,8 @@ class RunningStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
         self.n += other.n
-        self.s += other.s
-        self.ss += other.ss
+        self.s = self.s + other.s  # new arrays: stats fetched from Ray actors are read-only views
+        self.ss = self.ss + other.ss
         return self
 
     @property
@@ -194,6 +194,64 @@ class RunningStats:
         return stats
 
 
+class FeatureSample:
+    """A bounded, deterministic sample of feature vectors for precision/recall and KID, which need the vectors
+    themselves: the `capacity` vectors with the smallest priorities are kept.
+
+    A vector's priority comes from `patch_priority(seed, key, index)`: it depends only on the image key and the
+    patch's index, so a real patch and the generated patch at the same place are kept or dropped together, and
+    the result does not depend on how the data was split across workers (samples merge exactly).
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"FeatureSample capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.priorities = np.zeros(0, np.uint64)
+        self.features: Optional[np.ndarray] = None
+
+    def add(self, features: np.ndarray, priorities: np.ndarray) -> "FeatureSample":
+        features = np.asarray(features, np.float32)
+        if len(features) != len(priorities):
+            raise ValueError(f"{len(features)} features but {len(priorities)} priorities")
+        if len(features) == 0:
+            return self
+        merged = features if self.features is None else np.concatenate([self.features, features])
+        order = np.argsort(np.concatenate([self.priorities, np.asarray(priorities, np.uint64)]), kind="stable")
+        keep = order[:self.capacity]
+        self.priorities = np.concatenate([self.priorities, np.asarray(priorities, np.uint64)])[keep]
+        self.features = merged[keep]
+        return self
+
+    def merge(self, other: "FeatureSample") -> "FeatureSample":
+        if other.features is not None:
+            self.add(other.features, other.priorities)
+        return self
+
+    def __len__(self) -> int:
+        return 0 if self.features is None else len(self.features)
+
+
+def patch_priority(seed: int, key: str, count: int) -> np.ndarray:
+    """Priorities (uint64) of the patches 0..count-1 of the image `key`, for FeatureSample."""
+    return np.array([_key_seed(seed, f"{key}#{i}") for i in range(count)], np.uint64)
+
+
+def kernel_inception_distance(real_feats: np.ndarray, fake_feats: np.ndarray, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> float:
+    """KID (Bińkowski et al.): clean-fid's `kernel_distance` (cubic polynomial kernel, unbiased MMD² averaged
+    over `subsets` random subsets of min(subset_size, n_real, n_fake) vectors), with a seeded subset draw."""
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()
+    np.random.seed(seed)  # clean-fid draws its subsets from numpy's global generator
+    try:
+        return float(kernel_distance(np.asarray(real_feats, np.float64), np.asarray(fake_feats, np.float64),
+                                     num_subsets=subsets, max_subset_size=subset_size))
+    finally:
+        np.random.set_state(state)
+
+
 def frechet_distance(a: RunningStats, b: RunningStats) -> float:
     """||μa - μb||² + Tr(Σa + Σb - 2(ΣaΣb)^½), computed by clean-fid's `frechet_distance`."""
     from cleanfid.fid import frechet_distance as cleanfid_frechet
@@ -224,8 +282,8 @@ def precision_recall(real_feats, fake_feats, k: int = 3, batch: int = 1024) -> t
     recall    = fraction of real features inside the fake manifold.
     Pairwise distances are computed `batch` rows at a time (memory batch × N).
     """
-    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32)
-    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32)
+    real = torch.tensor(np.asarray(real_feats), dtype=torch.float32)
+    fake = torch.tensor(np.asarray(fake_feats), dtype=torch.float32)
     real_radii, fake_radii = _kth_nn_radii(real, k, batch), _kth_nn_radii(fake, k, batch)
     return _coverage(fake, real, real_radii, batch), _coverage(real, fake, fake_radii, batch)
 

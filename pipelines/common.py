@@ -47,7 +47,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
 
 
-def resolve_files(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
+def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
     """A file, a directory (its `*suffix` files, recursively), or a glob, locally or at a URI
     (s3://, gs://, hdfs://, file://) → (filesystem, sorted paths). No match is an error naming the spec."""
     fs, path = pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(spec))
@@ -66,7 +66,8 @@ def resolve_files(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem,
         else:
             raise ValueError(f"input {spec!r}: no such file or directory")
     if not paths:
-        raise ValueError(f"input {spec!r}: no {suffix} files found")
+        raise ValueError(f"input {spec!r}: no {' / '.join(suffix) if isinstance(suffix, tuple) else suffix} "
+                         "files found")
     return fs, sorted(paths)
 
 

@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -214,7 +214,8 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
 
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
-            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id}, Path(directory) / STATE_FILE)
+            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id,
+                        "model_config": asdict(unwrap(trainer.model).config)}, Path(directory) / STATE_FILE)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                    Path(directory) / f"rng_rank{rank}.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -1,0 +1,16 @@
+"""Evaluate decoders across resolutions on Ray (FIDp/sFIDp/KIDp/precision-recall, PSNR/SSIM/LPIPS, latency).
+
+    python -m jobs.evaluate --config conf/eval/local.yaml [key=value ...]
+"""
+
+from jobs.config import parse_job_args
+from pipelines.evaluate import run_evaluate
+
+
+def main() -> None:
+    result = run_evaluate(parse_job_args(__doc__))
+    print(f"results: {result.output}\nMLflow run: {result.run_id}")
+
+
+if __name__ == "__main__":
+    main()

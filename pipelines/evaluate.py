@@ -1,0 +1,659 @@
+"""Stage 4: evaluation across resolutions on a Ray actor pool: FID / FIDp / sFIDp / KIDp / precision-recall on
+patches, PSNR / SSIM / LPIPS, decode latency; infgen against the VAE + resize baselines, in one run.
+
+Inputs (`data_kind`):
+  encoded  the encode stage's parquet shards (held-out ones): latent + high-resolution ground truth, i.e.
+           reconstruction; the ground truth at each resolution is the reference for the FID family;
+  latents  a directory of latents from any diffusion model (.pt / .npy / .safetensors, one or a batch per
+           file) plus `reference`, a directory of real images for the FID family.
+
+Work is split into units (a parquet row group, a latent file, a chunk of reference images) that a
+`ray.util.ActorPool` of `EvalWorker`s processes; each actor loads the model, the VAE, the feature extractor and
+LPIPS once (on a GPU when `workers.num_gpus` > 0) and accumulates float64 sums. Not Ray Data's map_batches: the
+statistics are per-actor state (D×D sums, 32 MB each at D=2048) that must be read once at the end, which
+map_batches has no hook for. The driver then merges them one statistic at a time (a few D×D matrices in
+memory at once, however many patches were seen), so a million patches never sit in memory.
+
+Reference statistics (the ground truth or the reference images at each resolution) depend only on the data,
+the selection, the patch protocol, the resolution and the extractor: they are cached under that hash and reused
+by the next evaluation of another model on the same data.
+
+Output, under `<output>/<fingerprint>/`: results.csv / results.json (one row per decoder and resolution,
+with the protocol), per_image.csv, metrics_vs_resolution.png, crops_<R>.png; all logged to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from PIL import Image
+
+from infgen.evaluation import DECODERS, FEATURES, REFERENCE, Chunk, Decoders, EvalAccumulator
+from infgen.fid import (FeatureSample, InceptionFeatures, PatchProtocol, RandomConvFeatures, RunningStats,
+                        frechet_distance, kernel_inception_distance, precision_recall)
+from infgen.images import to_tensor
+from infgen.io import LATENT_SUFFIXES, load_latents
+from infgen.metrics import LPIPSUnavailable, load_lpips
+from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
+
+from pipelines.common import (StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
+                              plain_config, read_json, resolve_files, write_json)
+from pipelines.tracking import Tracker, config_hash
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+METRICS = ("fid", "fidp", "sfidp", "kidp", "precisionp", "recallp", "psnr", "ssim", "lpips", "latency_s")
+WORKER_DEFAULTS = {"num_actors": 1, "num_gpus": 0.0, "cpus_per_actor": 1.0, "torch_threads": None,
+                   "precision": "fp32", "chunk_rows": 16, "max_batch_pixels": 2 ** 24, "reference_chunk": 16}
+
+
+@dataclass
+class EvalConfig:
+    model: Optional[str]  # exported model dir, training checkpoint dir (state.pt), runs:/ or models:/ URI
+    data: str  # encoded parquet shards, or a directory of latent files (see data_kind)
+    output: str  # results under <output>/<fingerprint>/
+    data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
+    reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
+    limit: Optional[int] = None  # at most this many samples (encoded rows, smallest key hash) or latent files
+    name: str = "eval"
+    resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
+    decoders: list = field(default_factory=lambda: list(DECODERS))
+    vae: str = "tiny"  # the baselines' decoder and the iterative decoder's encoder
+    vae_subfolder: Optional[str] = None
+    tile: Optional[int] = 512  # infgen decodes sides above tile_above in tiles of this many pixels
+    tile_above: int = 2048
+    patches: dict = field(default_factory=lambda: {"mode": "grid", "size": 256, "shift": 128,
+                                                   "shift_min_factor": 1.5, "k": 4, "seed": 0})
+    extractor: str = "inception"  # inception (clean-fid's weights) | random (offline tests only: not FID)
+    inception_weights: Optional[str] = None  # inception-2015-12-05.pt or its directory; default: clean-fid's cache
+    feature_batch: int = 64
+    pr_k: int = 3
+    pr_samples: int = 10_000  # patch features kept per decoder and resolution for precision/recall and KID
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    lpips: bool = True  # reported only with a pretrained backbone; skipped (and said so) when unavailable
+    lpips_net: str = "alex"
+    lpips_weights: Optional[str] = None  # a torchvision state dict of the backbone; default: torchvision's cache
+    grid: dict = field(default_factory=lambda: {"count": 4, "crop": 256})
+    reference_cache: Optional[str] = None  # default <output>/reference_stats
+    workers: dict = field(default_factory=lambda: dict(WORKER_DEFAULTS))
+    ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})
+    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "infgen-eval"})
+
+    @classmethod
+    def from_mapping(cls, config: Any) -> "EvalConfig":
+        values = plain_config(config)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown evaluation config keys: {unknown}")
+        cfg = cls(**values)
+        unknown = sorted(set(cfg.workers) - set(WORKER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown workers keys: {unknown}; known: {sorted(WORKER_DEFAULTS)}")
+        cfg.workers = {**WORKER_DEFAULTS, **cfg.workers}
+        cfg.validate()
+        return cfg
+
+    @property
+    def protocol(self) -> PatchProtocol:
+        return PatchProtocol(**self.patches)
+
+    def validate(self) -> None:
+        if self.data_kind not in ("encoded", "latents"):
+            raise ValueError(f"data_kind must be 'encoded' or 'latents', got {self.data_kind!r}")
+        if self.data_kind == "latents" and not self.reference:
+            raise ValueError("data_kind=latents needs `reference`: a directory of real images for FID")
+        unknown = sorted(set(self.decoders) - set(DECODERS))
+        if unknown or not self.decoders:
+            raise ValueError(f"decoders must be a non-empty subset of {list(DECODERS)}, got {self.decoders}")
+        if not self.model and any(d.startswith("infgen") for d in self.decoders):
+            raise ValueError(f"decoders {self.decoders} include infgen but no `model` is set")
+        bad = [r for r in self.resolutions if not isinstance(r, int) or r < 64 or r % 8]
+        if bad or not self.resolutions:
+            raise ValueError(f"resolutions must be multiples of 8, at least 64 (long side in pixels), got {bad}")
+        if self.extractor not in ("inception", "random"):
+            raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
+        if self.workers["precision"] not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.workers['precision']!r}")
+        if self.tile is not None and self.tile % 8:
+            raise ValueError(f"tile must be a multiple of 8, got {self.tile}")
+        self.protocol  # raises on bad patch settings
+
+
+# ---- the worker ---------------------------------------------------------------------------------------------
+
+
+def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
+    """An exported model directory, a training checkpoint directory (its EMA weights), or an MLflow
+    runs:/…/model or models:/name/version URI (downloaded first)."""
+    if source.startswith(("runs:/", "models:/")):
+        import mlflow.artifacts
+
+        source = mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri)
+    path = Path(source)
+    if (path / WEIGHTS_NAME).is_file():
+        return InfGen.from_pretrained(path)
+    state_file = path / "state.pt"
+    if state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        if "model_config" not in state:
+            raise ValueError(f"{state_file}: a checkpoint without model_config (written before it was recorded); "
+                             f"evaluate the exported model directory instead")
+        model = InfGen(InfGenConfig(**state["model_config"]))
+        model.load_state_dict(state["trainer"]["ema"])
+        return model.eval()
+    raise ValueError(f"model {source}: neither an exported model ({WEIGHTS_NAME}) nor a training checkpoint "
+                     f"(state.pt), nor an MLflow runs:/ or models:/ URI")
+
+
+def build_extractor(cfg: EvalConfig, device: torch.device):
+    if cfg.extractor == "random":
+        return RandomConvFeatures(device=device)
+    path = cfg.inception_weights or Path(tempfile.gettempdir())  # clean-fid downloads to the temp dir
+    return InceptionFeatures.from_path(path, device=device)
+
+
+def extractor_id(cfg: EvalConfig) -> str:
+    """What the features are, in results and cache keys; a test extractor can never pass for Inception."""
+    if cfg.extractor == "random":
+        return "random-conv (offline tests only; NOT Inception: not comparable with any published FID)"
+    return "clean-fid inception-2015-12-05 (pool_3 2048-d; mixed_6/conv first 7 ch, 2023-d)"
+
+
+class EvalWorker:
+    """One actor: a model, a VAE, an extractor, LPIPS, and an EvalAccumulator filled unit by unit."""
+
+    def __init__(self, cfg: dict, reference_features: bool, lpips_ok: bool, grid_keys: list[str],
+                 aspect: Optional[float]) -> None:
+        self.cfg = EvalConfig.from_mapping(cfg)
+        workers = self.cfg.workers
+        torch.set_num_threads(int(workers["torch_threads"] or max(1, math.ceil(workers["cpus_per_actor"]))))
+        self.device = torch.device("cuda" if workers["num_gpus"] > 0 and torch.cuda.is_available() else "cpu")
+        autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[workers["precision"]]
+        from infgen.vae import load_vae
+
+        model = None
+        if any(d.startswith("infgen") for d in self.cfg.decoders):
+            model = load_model(self.cfg.model, self.cfg.mlflow.get("tracking_uri")).eval().to(self.device)
+        vae = load_vae(self.cfg.vae, self.cfg.vae_subfolder, device=self.device)
+        self.decoders = Decoders(self.cfg.decoders, model, vae, self.cfg.tile, self.cfg.tile_above,
+                                 autocast if self.device.type == "cuda" else None)
+        self.latent_channels = vae.latent_channels
+        lpips = None
+        if lpips_ok:
+            lpips = load_lpips(self.cfg.lpips_net, self.cfg.lpips_weights).to(self.device)
+        self.acc = EvalAccumulator(build_extractor(self.cfg, self.device), self.cfg.protocol, self.cfg.resolutions,
+                                   self.cfg.pr_samples, lpips, self.cfg.feature_batch,
+                                   workers["max_batch_pixels"], grid_keys, self.cfg.grid["crop"], reference_features)
+        self.aspect = aspect
+
+    def process(self, unit: dict) -> int:
+        """Evaluate one unit; returns the number of samples (or reference images) it held."""
+        if unit["kind"] == "reference":
+            keys, images = read_reference_images(unit["paths"], self.acc)
+            self.acc.add_reference(keys, images, self.aspect)
+            return len(keys)
+        chunks = list(read_encoded_unit(unit) if unit["kind"] == "encoded" else read_latent_unit(unit))
+        for chunk in chunks:
+            if chunk.latents.shape[1] != self.latent_channels:
+                raise ValueError(f"{unit['path']}: latents of shape {tuple(chunk.latents.shape[1:])} have "
+                                 f"{chunk.latents.shape[1]} channels; the VAE {self.cfg.vae!r} takes "
+                                 f"{self.latent_channels}")
+            self.acc.add_chunk(Chunk(chunk.keys, chunk.latents.to(self.device), chunk.truths), self.decoders)
+        return sum(len(c.keys) for c in chunks)
+
+    def stat_keys(self) -> list[tuple]:
+        return list(self.acc.stats) + [("sample", *k) for k in self.acc.samples]
+
+    def stats(self, key: tuple) -> RunningStats:
+        return self.acc.stats.get(key)
+
+    def sample(self, key: tuple) -> Optional[FeatureSample]:
+        return self.acc.samples.get(key)
+
+    def summary(self) -> dict:
+        return {"counts": {k: dict(v) for k, v in self.acc.counts.items()}, "per_image": self.acc.per_image,
+                "crops": self.acc.crops}
+
+
+def read_encoded_unit(unit: dict) -> Iterator[Chunk]:
+    """Rows of one parquet row group (only the selected keys), in chunks of `chunk_rows`."""
+    import pyarrow.parquet as pq
+
+    fs, path = pafs.FileSystem.from_uri(unit["uri"])
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_group(unit["row_group"], columns=["key", "latent", "hr"])
+    keys = table.column("key").to_pylist()
+    selected = set(unit["keys"])
+    index = [i for i, k in enumerate(keys) if k in selected]
+    latents = table.column("latent").combine_chunks().to_numpy_ndarray()
+    hr = table.column("hr").to_pylist()
+    for start in range(0, len(index), unit["chunk_rows"]):
+        part = index[start:start + unit["chunk_rows"]]
+        truths = []
+        for i in part:
+            try:
+                truths.append(to_tensor(Image.open(io.BytesIO(hr[i])).convert("RGB")))
+            except Exception as e:
+                raise ValueError(f"{unit['path']} row {i} (key {keys[i]}): unreadable hr image ({e})") from None
+        yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part].astype(np.float32)), truths)
+
+
+def read_latent_unit(unit: dict) -> Iterator[Chunk]:
+    """One latent file → chunks of its latents, keyed by the file's relative path (and index in a batch)."""
+    latents = load_latents(unit["path"])
+    name = unit["key"]
+    keys = [name] if len(latents) == 1 else [f"{name}[{i}]" for i in range(len(latents))]
+    for start in range(0, len(latents), unit["chunk_rows"]):
+        yield Chunk(keys[start:start + unit["chunk_rows"]], latents[start:start + unit["chunk_rows"]])
+
+
+def read_reference_images(paths: list[str], acc: EvalAccumulator) -> tuple[list[str], list[Image.Image]]:
+    """Readable reference images; a broken file is skipped and counted (reference, 0, broken)."""
+    keys, images = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+            keys.append(os.path.basename(path))
+        except Exception as e:
+            log.warning("reference image %s skipped: %s", path, e)
+            acc.counts[(REFERENCE, 0)]["broken"] += 1
+    return keys, images
+
+
+# ---- planning -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    units: list[dict]
+    input_files: list[str]  # for the fingerprint and the lineage
+    fs: pafs.FileSystem
+    samples: int
+    grid_keys: list[str]
+    aspect: Optional[float] = None  # data_kind=latents: W/h of the latents (reference images are cropped to it)
+    reference_units: list[dict] = field(default_factory=list)
+    reference_files: list[str] = field(default_factory=list)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def plan(cfg: EvalConfig) -> Plan:
+    chunk_rows = cfg.workers["chunk_rows"]
+    if cfg.data_kind == "encoded":
+        return plan_encoded(cfg, chunk_rows)
+    fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES)
+    paths = paths[:cfg.limit] if cfg.limit else paths
+    first = load_latents(paths[0])  # fail fast on a bad file; every worker checks its own files too
+    channels = expected_latent_channels(cfg)
+    if first.shape[2] * first.shape[3] == 0 or (channels and first.shape[1] != channels):
+        raise ValueError(f"{paths[0]}: latents of shape {tuple(first.shape)}; expected (B, {channels or 'C'}, h, w) "
+                         f"with h, w > 0 for model {cfg.model!r}")
+    root = cfg.data if os.path.isdir(cfg.data) else os.path.dirname(paths[0])
+    units = [{"kind": "latents", "path": p, "key": os.path.relpath(p, root), "chunk_rows": chunk_rows}
+             for p in paths]
+    ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
+    step = cfg.workers["reference_chunk"]
+    reference_units = [{"kind": "reference", "paths": ref_paths[i:i + step]} for i in range(0, len(ref_paths), step)]
+    grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid["count"]]]
+    return Plan(units, paths, fs, len(paths), grid_keys, first.shape[3] / first.shape[2], reference_units, ref_paths)
+
+
+def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
+    """The model's latent channels, when its config is readable here (a local exported model)."""
+    config = Path(cfg.model or "") / "config.json"
+    return json.loads(config.read_text()).get("latent_channels") if cfg.model and config.is_file() else None
+
+
+def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
+    """One unit per parquet row group holding selected rows; the selection is the `limit` smallest key hashes
+    (deterministic, independent of file order), or every row."""
+    import pyarrow.parquet as pq
+
+    fs, paths = resolve_files(cfg.data, suffix=".parquet")
+    groups = []  # (path, row group, keys)
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            missing = {"key", "latent", "hr"} - set(parquet.schema_arrow.names)
+            if missing:
+                raise ValueError(f"{path}: not an encode-stage shard (missing columns {sorted(missing)})")
+            for g in range(parquet.num_row_groups):
+                groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
+    keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
+    if not keys:
+        raise ValueError(f"data {cfg.data}: the shards hold no rows")
+    selected = {k for _, k in (keys[:cfg.limit] if cfg.limit else keys)}
+    uri = (lambda p: f"{fs.type_name}://{p}") if fs.type_name != "local" else (lambda p: f"file://{p}")
+    units = [{"kind": "encoded", "uri": uri(path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
+              "keys": [k for k in ks if k in selected]}
+             for path, g, ks in groups if any(k in selected for k in ks)]
+    grid_keys = [k for _, k in keys if k in selected][:cfg.grid["count"]]
+    return Plan(units, paths, fs, len(selected), grid_keys)
+
+
+# ---- reference statistics cache -----------------------------------------------------------------------------
+
+
+def reference_cache_path(cfg: EvalConfig, plan: Plan, res: int, data_fp: str) -> str:
+    """The cache file of the reference statistics at `res`: a hash of what they depend on, nothing else."""
+    key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.protocol.to_dict(),
+           "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples}
+    root = cfg.reference_cache or os.path.join(cfg.output, "reference_stats")
+    return os.path.join(root, f"ref_{res}_{config_hash(key)}.npz")
+
+
+def save_reference(path: str, stats: dict[str, RunningStats], sample: Optional[FeatureSample],
+                   counts: dict) -> None:
+    arrays = {"counts": np.array(json.dumps(counts))}
+    for name, s in stats.items():
+        arrays.update({f"{name}.n": s.n, f"{name}.s": s.s, f"{name}.ss": s.ss})
+    if sample is not None and len(sample):
+        arrays.update({"sample.features": sample.features, "sample.priorities": sample.priorities,
+                       "sample.capacity": sample.capacity})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_reference(path: str) -> tuple[dict[str, RunningStats], Optional[FeatureSample], dict]:
+    with np.load(path) as z:
+        stats = {}
+        for name in FEATURES:
+            if f"{name}.n" in z:
+                s = RunningStats(z[f"{name}.s"].shape[0])
+                s.n, s.s, s.ss = int(z[f"{name}.n"]), z[f"{name}.s"], z[f"{name}.ss"]
+                stats[name] = s
+        sample = None
+        if "sample.features" in z:
+            sample = FeatureSample(int(z["sample.capacity"])).add(z["sample.features"], z["sample.priorities"])
+        return stats, sample, json.loads(str(z["counts"]))
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------
+
+
+def run_evaluate(config: Any) -> StageResult:
+    """Evaluate as configured (conf/eval/*.yaml); a complete output with the same fingerprint is reused."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    cfg = EvalConfig.from_mapping(config)
+    start = time.time()
+    init_ray(cfg.ray.get("address"), cfg.ray.get("num_cpus"))
+    p = plan(cfg)
+    data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "kind": cfg.data_kind,
+                                                "reference": p.reference_files})
+    model_files = sorted(Path(cfg.model).glob("*")) if cfg.model and os.path.isdir(cfg.model) else []
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("ray", "mlflow", "output", "workers")}
+    fp = config_hash({"data": data_fp, "params": params,
+                      "model": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in model_files]})
+    fs, root = output_root(cfg.output)
+    out_dir = f"{root}/{fp}"
+    if is_complete(fs, out_dir):
+        print(f"[evaluate] complete output found, nothing to do: {out_dir}", flush=True)
+        return StageResult(out_dir, read_json(fs, f"{out_dir}/results.json"), skipped=True)
+
+    lpips_note = lpips_status(cfg)
+    cache = {res: reference_cache_path(cfg, p, res, data_fp) for res in cfg.resolutions}
+    cached = all(os.path.isfile(path) for path in cache.values())
+    print(f"[evaluate] {p.samples} samples in {len(p.units)} units, resolutions {cfg.resolutions}, decoders "
+          f"{cfg.decoders}; reference statistics {'cached' if cached else 'computed in this run'}", flush=True)
+
+    lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": out_dir,
+               "infgen.model": str(cfg.model), "infgen.config_hash": config_hash(params)}
+    with Tracker(cfg.mlflow.get("tracking_uri"), cfg.mlflow.get("experiment", "infgen-eval"), cfg.name,
+                 tags=lineage) as tracker:
+        tracker.log_params({**params, **cfg.protocol.to_dict(), "extractor_id": extractor_id(cfg),
+                            "lpips_status": lpips_note, "samples": p.samples, "workers": cfg.workers})
+        workers = cfg.workers
+        actor_cls = ray.remote(EvalWorker).options(num_cpus=workers["cpus_per_actor"], num_gpus=workers["num_gpus"])
+        actors = [actor_cls.remote(asdict(cfg), not cached, lpips_note == "pretrained", p.grid_keys, p.aspect)
+                  for _ in range(workers["num_actors"])]
+        units = p.units + ([] if cached else p.reference_units)
+        pool = ActorPool(actors)
+        for _ in tqdm(pool.map_unordered(lambda actor, unit: actor.process.remote(unit), units), total=len(units),
+                      desc="evaluate", unit="unit", mininterval=2):
+            pass
+
+        rows, summary = collect(cfg, actors, cache, cached)
+        out = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, time.time() - start)
+        for row in rows:
+            tracker.log_metrics({f"{m}/{row['decoder']}": row[m] for m in METRICS if row.get(m) is not None},
+                                step=row["resolution"])
+            tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
+                                 for m in METRICS if row.get(m) is not None})
+        tracker.log_metrics({"eval_seconds": time.time() - start, "samples": p.samples})
+        for name in out:
+            tracker.log_artifact(f"{out_dir}/{name}", "evaluation")
+        for actor in actors:
+            ray.kill(actor)
+        mark_success(fs, out_dir)
+        stats = read_json(fs, f"{out_dir}/results.json")
+        print_table(rows)
+        print(f"[evaluate] results: {out_dir}  (MLflow run {tracker.run_id})", flush=True)
+        return StageResult(out_dir, stats, run_id=tracker.run_id)
+
+
+def lpips_status(cfg: EvalConfig) -> str:
+    """'pretrained', or why LPIPS is not reported (it never falls back to a random backbone)."""
+    if not cfg.lpips:
+        return "disabled in the config"
+    try:
+        load_lpips(cfg.lpips_net, cfg.lpips_weights)
+        return "pretrained"
+    except LPIPSUnavailable as e:
+        log.warning("LPIPS is not reported: %s", e)
+        return f"not reported: {e}"
+
+
+def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) -> tuple[list[dict], dict]:
+    """Merge the actors' statistics one at a time into the table rows (one per decoder and resolution)."""
+    import ray
+
+    summaries = ray.get([a.summary.remote() for a in actors])
+    counts: dict[tuple, dict] = {}
+    per_image, crops = [], {}
+    for s in summaries:
+        for key, values in s["counts"].items():
+            for name, value in values.items():
+                counts.setdefault(key, {}).setdefault(name, 0)
+                counts[key][name] += value
+        per_image += s["per_image"]
+        crops.update(s["crops"])
+
+    def merged(key: tuple) -> Any:
+        parts = [x for x in ray.get([a.stats.remote(key) if key[0] != "sample" else a.sample.remote(key[1:])
+                                     for a in actors]) if x is not None]
+        return _merge(parts)
+
+    rows = []
+    for res in cfg.resolutions:
+        if cached:
+            ref_stats, ref_sample, ref_counts = load_reference(cache[res])
+        else:
+            ref_stats = {f: merged((REFERENCE, res, f)) for f in FEATURES}
+            ref_stats = {f: s for f, s in ref_stats.items() if s is not None}
+            ref_sample = merged(("sample", REFERENCE, res))
+            ref_counts = counts.get((REFERENCE, res), {})
+            save_reference(cache[res], ref_stats, ref_sample, ref_counts)
+        for decoder in cfg.decoders:
+            c = counts.get((decoder, res))
+            if not c:
+                continue  # not applicable at this resolution (infgen_iterative within 2× of native)
+            row = {"decoder": decoder, "resolution": res, "images": int(c.get("images", 0)),
+                   "patches": int(c.get("patches", 0)), "skipped_small": int(c.get("skipped_small", 0)),
+                   "reference_images": int(ref_counts.get("images", 0)),
+                   "reference_patches": int(ref_counts.get("patches", 0)),
+                   "truth_upsampled": int(ref_counts.get("truth_upsampled", 0)),
+                   "latency_s": c.get("decode_s", 0.0) / max(1, c.get("images", 0))}
+            row.update(distances(cfg, {f: merged((decoder, res, f)) for f in FEATURES}, ref_stats,
+                                 merged(("sample", decoder, res)), ref_sample))
+            row.update(reconstruction_means(per_image, decoder, res))
+            rows.append(row)
+    return rows, {"counts": counts, "per_image": per_image, "crops": crops}
+
+
+def _merge(parts: list) -> Any:
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out.merge(part)
+    return out
+
+
+def distances(cfg: EvalConfig, fake: dict, real: dict, fake_sample: Optional[FeatureSample],
+              real_sample: Optional[FeatureSample]) -> dict:
+    """FID (whole image), FIDp, sFIDp, KIDp, precision/recall on patches; None where there is too little data."""
+    out = {}
+    for metric, feature in (("fid", "image_pool"), ("fidp", "patch_pool"), ("sfidp", "patch_spatial")):
+        a, b = real.get(feature), fake.get(feature)
+        out[metric] = frechet_distance(a, b) if a is not None and b is not None and min(a.n, b.n) >= 2 else None
+    enough = fake_sample is not None and real_sample is not None and min(len(fake_sample), len(real_sample)) > cfg.pr_k
+    if enough:
+        out["precisionp"], out["recallp"] = precision_recall(real_sample.features, fake_sample.features, k=cfg.pr_k)
+        out["kidp"] = kernel_inception_distance(real_sample.features, fake_sample.features, cfg.kid_subsets,
+                                                cfg.kid_subset_size, seed=cfg.protocol.seed)
+    else:
+        out["precisionp"] = out["recallp"] = out["kidp"] = None
+    return out
+
+
+def reconstruction_means(per_image: list[dict], decoder: str, res: int) -> dict:
+    rows = [r for r in per_image if r["decoder"] == decoder and r["resolution"] == res]
+    mean = lambda name: (float(np.mean([r[name] for r in rows])) if rows and rows[0][name] is not None else None)
+    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips")}
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+
+
+def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list[dict], summary: dict, p: Plan,
+                  lpips_note: str, seconds: float) -> list[str]:
+    """results.csv/json, per_image.csv, metrics_vs_resolution.png, crops_<R>.png; returns their names."""
+    fs.create_dir(out_dir, recursive=True)
+    names = ["results.json", "results.csv", "per_image.csv", "metrics_vs_resolution.png"]
+    write_json(fs, f"{out_dir}/results.json", {
+        "rows": rows, "protocol": cfg.protocol.to_dict(), "extractor": extractor_id(cfg), "lpips": lpips_note,
+        "resolutions": cfg.resolutions, "decoders": cfg.decoders, "model": cfg.model, "data": cfg.data,
+        "data_kind": cfg.data_kind, "samples": p.samples, "reference_files": len(p.reference_files),
+        "broken_reference_images": int(summary["counts"].get((REFERENCE, 0), {}).get("broken", 0)),
+        "seconds": seconds, "definitions": DEFINITIONS})
+    columns = ["decoder", "resolution", *METRICS, "images", "patches", "skipped_small", "reference_images",
+               "reference_patches", "truth_upsampled"]
+    _write_csv(fs, f"{out_dir}/results.csv", rows, columns)
+    _write_csv(fs, f"{out_dir}/per_image.csv", summary["per_image"],
+               ["key", "decoder", "resolution", "height", "width", "psnr", "ssim", "lpips"])
+    with fs.open_output_stream(f"{out_dir}/metrics_vs_resolution.png") as f:
+        f.write(plot_metrics(rows, cfg.decoders))
+    for res in cfg.resolutions:
+        png = crop_grid(summary["crops"], p.grid_keys, res, cfg.decoders)
+        if png:
+            with fs.open_output_stream(f"{out_dir}/crops_{res}.png") as f:
+                f.write(png)
+            names.append(f"crops_{res}.png")
+    return names
+
+
+DEFINITIONS = {
+    "fid": "Fréchet distance of Inception pool_3 (2048-d) of whole images (resized to 299²) vs the reference",
+    "fidp": "the same on the patches of the protocol (patch_* params), real and decoded cut identically",
+    "sfidp": "Fréchet distance of spatial features: first 7 channels of mixed_6/conv (17×17×7 = 2023-d) of patches",
+    "kidp": "KID (clean-fid kernel_distance, cubic kernel) on patch pool_3 features of the priority sample",
+    "precisionp": "improved precision (k=pr_k) of decoded patches against the reference patches",
+    "recallp": "improved recall (k=pr_k) of the reference patches against the decoded patches",
+    "psnr": "mean per-image PSNR (dB) against the ground truth at the same size (reconstruction only)",
+    "ssim": "mean per-image SSIM (torchmetrics, Gaussian 11, σ 1.5)",
+    "lpips": "mean per-image LPIPS with a pretrained backbone (lpips_net); absent when unavailable",
+    "latency_s": "decode seconds per image on one worker (baselines include the VAE decode at native size)",
+}
+
+
+def _write_csv(fs: pafs.FileSystem, path: str, rows: list[dict], columns: list[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with fs.open_output_stream(path) as f:
+        f.write(buffer.getvalue().encode())
+
+
+def plot_metrics(rows: list[dict], decoders: list[str]) -> bytes:
+    """One panel per metric, metric against resolution, one line per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(metrics) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(metrics) / cols)),
+                             squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for decoder in decoders:
+            points = [(r["resolution"], r[metric]) for r in rows if r["decoder"] == decoder and r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=decoder)
+        ax.set_title(metric)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("resolution (long side, px)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def crop_grid(crops: dict, keys: list[str], res: int, decoders: list[str]) -> Optional[bytes]:
+    """Centre crops at full resolution, side by side: the reference (ground truth), then each decoder."""
+    from infgen.visualize import image_grid
+
+    sources = [s for s in [REFERENCE, *decoders] if any((key, res, s) in crops for key in keys)]
+    rows = []
+    for key in keys:
+        cells = [crops.get((key, res, s)) for s in sources]
+        if all(c is None for c in cells):
+            continue
+        rows.append([torch.from_numpy(c).permute(2, 0, 1).float() / 127.5 - 1 if c is not None
+                     else torch.ones(3, 8, 8) for c in cells])
+    if not rows:
+        return None
+    labels = [f"{'truth' if s == REFERENCE else s} {res}" for s in sources]
+    buffer = io.BytesIO()
+    image_grid(rows, labels, cell=max(max(c.shape[1:]) for row in rows for c in row)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def print_table(rows: list[dict]) -> None:
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    columns = ["decoder", "resolution", "fidp", "sfidp", "fid", "kidp", "precisionp", "recallp", "psnr", "ssim",
+               "lpips", "latency_s"]
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
