@@ -32,7 +32,7 @@ import pyarrow.fs as pafs  # noqa: E402
 from infgen.vae import materialise_tiny_vae  # noqa: E402
 from pipelines.encode import (EncodeConfig, EncodeUDF, ShardWriter, output_schema, prepare_batch,  # noqa: E402
                               run_encode)
-from tests.laion_data import LARGE_PHOTOS, write_photos  # noqa: E402
+from pipelines.sample_data import LARGE_PHOTOS, write_photos  # noqa: E402
 
 
 def make_shards(directory: Path, images: int, per_shard: int) -> list[Path]:

@@ -110,6 +110,28 @@ def remove_dir(fs: pafs.FileSystem, directory: str) -> None:
         fs.delete_dir(directory)
 
 
+def held_out(url: Optional[str], fraction: float, seed: int = 0) -> bool:
+    """The train/evaluation split: True for the `fraction` of images held out of training, decided by a hash of
+    the image URL, so every crop of an image lands on the same side, on every run and every machine."""
+    if not fraction:
+        return False
+    digest = hashlib.sha256(f"{seed}\0{url}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def held_out_keys(fs: pafs.FileSystem, paths: list[str], fraction: float, seed: int = 0) -> list[str]:
+    """Keys of the encode-stage rows held out by `held_out` (reads only the key and url columns)."""
+    import pyarrow.parquet as pq
+
+    keys: list[str] = []
+    for path in paths if fraction else []:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["key", "url"])
+        keys += [k for k, u in zip(table.column("key").to_pylist(), table.column("url").to_pylist())
+                 if held_out(u, fraction, seed)]
+    return keys
+
+
 @dataclass
 class StageResult:
     """What every stage's Python entry point (run_filter, run_download, run_encode, ...) returns."""

@@ -64,6 +64,7 @@ class EncodeConfig:
     input_size: int = 512  # the VAE sees the crop at input_size²: latents are input_size/8 per side
     min_side: int = 512  # shorter image side below this → skipped as too_small; also the smallest crop side
     aspect_range: tuple = (1.0, 1.0)  # crop width/height, drawn per sample
+    crops_per_image: int = 1  # k > 1: k crops per image, keyed <key>_0 … <key>_{k-1}, each seeded by its key
     hr_max_side: int = 2048  # the high-resolution crop is downscaled to this long side when larger
     hr_format: str = "png"  # png (lossless) | jpeg | webp
     hr_quality: int = 95  # jpeg / webp only
@@ -117,7 +118,7 @@ class EncodeConfig:
             raise bad("hr_format", f"must be one of {sorted(HR_FORMATS)}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {sorted(PRECISIONS)}")
-        for key in ("batch_size", "num_actors", "max_image_pixels"):
+        for key in ("batch_size", "num_actors", "max_image_pixels", "crops_per_image"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.num_gpus < 0 or self.cpus_per_actor <= 0:
@@ -125,7 +126,7 @@ class EncodeConfig:
 
     def output_params(self, vae_source: str) -> dict:
         """What shapes the output (and so the fingerprint); not batch sizes, actor counts or tracking."""
-        keys = ("vae_subfolder", "seed", "input_size", "min_side", "aspect_range", "hr_max_side",
+        keys = ("vae_subfolder", "seed", "input_size", "min_side", "aspect_range", "crops_per_image", "hr_max_side",
                 "hr_format", "hr_quality", "png_compress_level", "max_image_pixels")
         # the tiny VAE's cache directory is named by a hash of its config: a refitted one gets a new output
         vae = f"tiny:{os.path.basename(vae_source)}" if self.vae == "tiny" else self.vae
@@ -210,9 +211,18 @@ def encode_hr(image: Image.Image, cfg: EncodeConfig) -> bytes:
     return buffer.getvalue()
 
 
+def crop_keys(key: str, cfg: EncodeConfig) -> list[str]:
+    """The output keys of one sample: its own key, or key_0 … key_{k-1} with crops_per_image = k > 1."""
+    return [key] if cfg.crops_per_image == 1 else [f"{key}_{c}" for c in range(cfg.crops_per_image)]
+
+
 def prepare_sample(key: str, data: Optional[bytes], cfg: EncodeConfig) -> dict:
     """One sample → the VAE input (raw uint8 input_size²×3 bytes), the encoded HR crop and the geometry."""
-    image = decode_image(data, cfg.max_image_pixels)
+    return prepare_crop(key, decode_image(data, cfg.max_image_pixels), cfg)
+
+
+def prepare_crop(key: str, image: Image.Image, cfg: EncodeConfig) -> dict:
+    """The crop of a decoded image that `key` seeds → the VAE input, the encoded HR crop and the geometry."""
     width, height = image.size
     box = crop_box_for(key, width, height, cfg)
     crop = image.crop(box)
@@ -241,31 +251,34 @@ def prepare_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, 
     """A batch of read_webdataset rows (raw bytes) → prepared rows; failures get a skip_reason, not an error."""
     n = len(batch["__key__"])
     members = [batch[m] for m in IMAGE_MEMBERS if m in batch]
-    out: dict[str, list] = {k: [] for k in ("key", "shard", "skip_reason", "pixels", "hr", "hr_width", "hr_height",
-                                            "crop_box", "orig_width", "orig_height", "caption", "url")}
+    out: dict[str, list] = {k: [] for k in ("key", "crop", "shard", "skip_reason", "pixels", "hr", "hr_width",
+                                            "hr_height", "crop_box", "orig_width", "orig_height", "caption", "url")}
     empty = {"pixels": b"", "hr": b"", "hr_width": 0, "hr_height": 0, "crop_box": (0, 0, 0, 0),
              "orig_width": 0, "orig_height": 0}
     for i in range(n):
         key = str(batch["__key__"][i])
         data = next((m[i] for m in members if isinstance(m[i], (bytes, bytearray))), None)
-        try:
-            row, reason = prepare_sample(key, data, cfg), ""
+        try:  # one row per crop; a sample that fails is one skipped row, whatever crops_per_image is
+            image = decode_image(data, cfg.max_image_pixels)
+            rows = [(crop_key, prepare_crop(crop_key, image, cfg), "") for crop_key in crop_keys(key, cfg)]
         except SkipSample as e:
-            row, reason = empty, e.reason
+            rows = [(key, empty, e.reason)]
         except Exception as e:  # anything else is still one bad sample, not a dead stage: count it by name
             log.warning("sample %s in %s: %s: %s", key, batch["__url__"][i], type(e).__name__, e)
-            row, reason = empty, f"error_{type(e).__name__}"
-        out["key"].append(key)
-        out["shard"].append(str(batch["__url__"][i]))
-        out["skip_reason"].append(reason)
-        out["caption"].append(_text(batch["txt"][i]) if "txt" in batch else None)
-        out["url"].append(_url(batch["json"][i]) if "json" in batch else None)
-        for k, v in row.items():
-            out[k].append(v)
-    ints = ("hr_width", "hr_height", "orig_width", "orig_height")
+            rows = [(key, empty, f"error_{type(e).__name__}")]
+        for crop, (row_key, row, reason) in enumerate(rows):
+            out["key"].append(row_key)
+            out["crop"].append(crop)
+            out["shard"].append(str(batch["__url__"][i]))
+            out["skip_reason"].append(reason)
+            out["caption"].append(_text(batch["txt"][i]) if "txt" in batch else None)
+            out["url"].append(_url(batch["json"][i]) if "json" in batch else None)
+            for k, v in row.items():
+                out[k].append(v)
+    ints = ("crop", "hr_width", "hr_height", "orig_width", "orig_height")
     arrays = {k: _object_array(v) for k, v in out.items() if k not in ints and k != "crop_box"}
     arrays.update({k: np.array(out[k], dtype=np.int32) for k in ints})
-    arrays["crop_box"] = np.array(out["crop_box"], dtype=np.int32).reshape(n, 4)
+    arrays["crop_box"] = np.array(out["crop_box"], dtype=np.int32).reshape(len(out["key"]), 4)
     return arrays
 
 
@@ -348,7 +361,7 @@ class ShardWriter:
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         reasons = rows["skip_reason"]
-        self.counts["images_in"] += len(reasons)
+        self.counts["images_in"] += int((rows["crop"] == 0).sum())  # samples; `encoded` counts crops
         self.counts.update(f"skipped.{r}" for r in reasons if r)
         keep = np.flatnonzero(reasons == "")
         if not len(keep):

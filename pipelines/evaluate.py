@@ -50,7 +50,7 @@ from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 
-from pipelines.common import (StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
+from pipelines.common import (StageResult, fingerprint, held_out, init_ray, is_complete, mark_success, output_root,
                               plain_config, read_json, resolve_files, write_json)
 from pipelines.tracking import Tracker, config_hash
 
@@ -70,6 +70,8 @@ class EvalConfig:
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples (encoded rows, smallest key hash) or latent files
+    holdout: dict = field(default_factory=lambda: {"fraction": 0.0, "seed": 0})  # >0: only the images training
+    #   held out with the same setting (pipelines.common.held_out, by URL hash); 0: every row
     name: str = "eval"
     resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
     decoders: list = field(default_factory=lambda: list(DECODERS))
@@ -130,6 +132,8 @@ class EvalConfig:
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
         if self.workers["precision"] not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.workers['precision']!r}")
+        if set(self.holdout) != {"fraction", "seed"} or not 0 <= self.holdout["fraction"] < 1:
+            raise ValueError(f"holdout must be {{fraction: [0, 1), seed: int}}, got {self.holdout}")
         if self.tile is not None and self.tile % 8:
             raise ValueError(f"tile must be a multiple of 8, got {self.tile}")
         self.protocol  # raises on bad patch settings
@@ -333,19 +337,25 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
     for path in paths:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
-            missing = {"key", "latent", "hr"} - set(parquet.schema_arrow.names)
+            missing = {"key", "latent", "hr", "url"} - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"{path}: not an encode-stage shard (missing columns {sorted(missing)})")
             for g in range(parquet.num_row_groups):
-                groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
+                table = parquet.read_row_group(g, columns=["key", "url"])
+                groups.append((path, g, [k for k, u in zip(table.column("key").to_pylist(),
+                                                            table.column("url").to_pylist())
+                                         if not cfg.holdout["fraction"] or held_out(u, **cfg.holdout)]))
     keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
     if not keys:
-        raise ValueError(f"data {cfg.data}: the shards hold no rows")
+        raise ValueError(f"data {cfg.data}: the shards hold no rows"
+                         + (f" held out by holdout={cfg.holdout}" if cfg.holdout["fraction"] else ""))
     selected = {k for _, k in (keys[:cfg.limit] if cfg.limit else keys)}
     uri = (lambda p: f"{fs.type_name}://{p}") if fs.type_name != "local" else (lambda p: f"file://{p}")
-    units = [{"kind": "encoded", "uri": uri(path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
-              "keys": [k for k in ks if k in selected]}
-             for path, g, ks in groups if any(k in selected for k in ks)]
+    units = []  # at most chunk_rows samples each: many small units keep every actor busy to the end
+    for path, g, ks in groups:
+        chosen = [k for k in ks if k in selected]
+        units += [{"kind": "encoded", "uri": uri(path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
+                   "keys": chosen[i:i + chunk_rows]} for i in range(0, len(chosen), chunk_rows)]
     grid_keys = [k for _, k in keys if k in selected][:cfg.grid["count"]]
     return Plan(units, paths, fs, len(selected), grid_keys)
 
@@ -639,7 +649,7 @@ def crop_grid(crops: dict, keys: list[str], res: int, decoders: list[str]) -> Op
         cells = [crops.get((key, res, s)) for s in sources]
         if all(c is None for c in cells):
             continue
-        rows.append([torch.from_numpy(c).permute(2, 0, 1).float() / 127.5 - 1 if c is not None
+        rows.append([torch.from_numpy(c.copy()).permute(2, 0, 1).float() / 127.5 - 1 if c is not None
                      else torch.ones(3, 8, 8) for c in cells])
     if not rows:
         return None

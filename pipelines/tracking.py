@@ -41,12 +41,18 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+GIT_COMMIT_ENV = "INFGEN_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    """The checkout's commit; else $INFGEN_GIT_COMMIT (a Ray job's working_dir upload leaves .git out, so the
+    submitter passes `git rev-parse HEAD` in the runtime_env); else 'unknown'."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = ""
+    return commit or os.environ.get(GIT_COMMIT_ENV) or "unknown"
 
 
 class Tracker:

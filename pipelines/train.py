@@ -31,8 +31,8 @@ from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines.common import dataclass_from, init_ray, plain_config, resolve_files
-from pipelines.tracking import Tracker, config_hash
+from pipelines.common import dataclass_from, held_out_keys, init_ray, plain_config, resolve_files
+from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def train_loop(cfg: dict) -> None:
     tracker = sampler = None
     if rank == 0:
         tracker = Tracker(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment"], cfg["name"],
-                          tags=cfg["lineage"], run_id=run_id)
+                          tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"))
         run_id = tracker.start()
         if not checkpoint:
             tracker.log_params(cfg["params"])
@@ -287,8 +287,12 @@ def run_train(config: Any) -> TrainResult:
 
     fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
     keys, latents, hr = held_out_rows(paths, fs, cfg["samples"]["count"])
+    holdout = cfg.get("holdout") or {"fraction": 0.0, "seed": 0}
+    excluded = keys + held_out_keys(fs, paths, holdout["fraction"], holdout["seed"])  # the evaluation's images
+    if holdout["fraction"]:
+        print(f"[train] {len(excluded) - len(keys)} rows held out for evaluation (holdout {holdout})", flush=True)
     dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
-               .filter(expr=~ray.data.expressions.col("key").is_in(keys))
+               .filter(expr=~ray.data.expressions.col("key").is_in(excluded))
                .select_columns(["latent", "hr"])
                .randomize_block_order())  # a new block order every epoch
 
@@ -298,6 +302,7 @@ def run_train(config: Any) -> TrainResult:
     storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
     loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
                 "params": {k: v for k, v in cfg.items() if k not in ("ray",)},
+                "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
                 "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
                             "infgen.output": os.path.join(storage, cfg["name"]),
                             "infgen.config_hash": config_hash(cfg)},

@@ -35,7 +35,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from laion_data import LARGE_PHOTOS, MISSING, laion_table, serve, write_photos
+from pipelines.sample_data import LARGE_PHOTOS, MISSING, laion_table, serve, write_photos
 from pipelines.download import DEFAULTS, _config, _locate, classify_error, resize_options, run_download
 from pipelines.filter import OUTPUT_SCHEMA as FILTER_SCHEMA
 

@@ -23,7 +23,7 @@ from infgen.images import to_tensor
 from pipelines.common import STATS, SUCCESS
 from pipelines.encode import (EncodeConfig, EncodeUDF, SkipSample, crop_box_for, decode_image, prepare_sample,
                               read_shard_stats, resolve_vae, run_encode)
-from tests.laion_data import LARGE_PHOTOS, write_photos
+from pipelines.sample_data import LARGE_PHOTOS, write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 256  # input_size in the Ray tests: latents (4, 32, 32), a quarter of the CPU time of 512²
@@ -272,3 +272,19 @@ def test_config_errors_name_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no \.tar files"):
         run_encode(config(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_several_crops_per_image_each_keyed_and_seeded(photo_dir):
+    from pipelines.encode import prepare_batch
+
+    cfg = EncodeConfig.from_mapping({"input": "x", "output": "y", "input_size": 64, "min_side": 256,
+                                     "crops_per_image": 3, "hr_max_side": 512})
+    batch = {"__key__": np.array(["a", "b"], dtype=object), "__url__": np.array(["s.tar", "s.tar"], dtype=object),
+             "jpg": np.array([(photo_dir / "rocket.jpg").read_bytes(), b""], dtype=object)}
+    out = prepare_batch(batch, cfg)
+    assert list(out["key"]) == ["a_0", "a_1", "a_2", "b"]  # a broken image is one skipped row, not three
+    assert list(out["crop"]) == [0, 1, 2, 0] and list(out["skip_reason"]) == ["", "", "", "empty"]
+    boxes = {tuple(box) for box in out["crop_box"][:3]}
+    assert len(boxes) == 3  # three different crops ...
+    again = prepare_batch(batch, cfg)
+    assert [tuple(b) for b in again["crop_box"]] == [tuple(b) for b in out["crop_box"]]  # ... the same on a rerun

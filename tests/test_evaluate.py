@@ -140,7 +140,8 @@ def encoded(tmp_path_factory, pairs):
         pq.write_table(pa.table({
             "key": [f"{shard}-{i}" for i in rows],
             "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents[rows].numpy().astype(np.float16)),
-            "hr": pa.array(pngs, pa.binary())}), directory / f"{shard:05d}.parquet")
+            "hr": pa.array(pngs, pa.binary()), "url": [f"http://127.0.0.1/{i}.jpg" for i in rows]}),
+            directory / f"{shard:05d}.parquet")
     return directory
 
 
@@ -224,6 +225,20 @@ def test_generation_from_latent_files_against_reference_images(ray_local, model_
         assert row["fidp"] > 0
     assert result.stats["broken_reference_images"] == 1
     assert (Path(result.output) / "metrics_vs_resolution.png").stat().st_size > 10_000
+
+
+def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
+    from pipelines.common import held_out, held_out_keys, resolve_files
+    from pipelines.evaluate import plan
+
+    fs, paths = resolve_files(str(encoded))
+    keys = held_out_keys(fs, paths, 0.5, seed=3)
+    assert 0 < len(keys) < 8
+    cfg = EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
+                                   "holdout": {"fraction": 0.5, "seed": 3}})
+    assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
+    assert [held_out("http://x/a.jpg", 0.3, s) for s in range(6)] == [held_out("http://x/a.jpg", 0.3, s) for s in range(6)]
+    assert sum(held_out(f"http://x/{i}.jpg", 0.3) for i in range(2000)) == pytest.approx(600, abs=80)
 
 
 def test_bad_latents_and_empty_directories_fail_clearly(ray_local, model_dir, tmp_path):

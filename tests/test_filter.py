@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from laion_data import write_laion_parquet
+from pipelines.sample_data import write_laion_parquet
 from pipelines.filter import DEFAULTS, INTERNAL, OUTPUT_SCHEMA, REASONS, decide, host_verdict, run_filter
 
 ROOT = Path(__file__).resolve().parents[1]

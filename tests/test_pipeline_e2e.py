@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from laion_data import LARGE_PHOTOS, MISSING, serve, write_laion_parquet, write_photos
+from pipelines.sample_data import LARGE_PHOTOS, MISSING, serve, write_laion_parquet, write_photos
 from pipelines.download import run_download
 from pipelines.encode import run_encode
 from pipelines.filter import run_filter

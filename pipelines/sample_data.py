@@ -1,5 +1,6 @@
-"""A small LAION-style world for the pipeline tests and the demo: real photos over 2 MP, broken files,
-an HTTP server on 127.0.0.1 serving them, and metadata parquet in each real LAION schema variant."""
+"""A small LAION-style world for the demo and the pipeline tests: real photos that installed packages ship,
+broken files, an HTTP server on 127.0.0.1 serving them, and metadata parquet in each real LAION schema variant.
+Nothing here is downloaded: img2dataset really downloads these files from the local server."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infgen.images import shipped_photos
+from infgen.images import SHIPPED_PHOTOS, shipped_photos
 
 # name → (width, height) of the served photo: over 2 MP each, several aspect ratios
 LARGE_PHOTOS = {
@@ -79,10 +80,13 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serve(directory: Path) -> Iterator[str]:
-    """Serve `directory` on 127.0.0.1 (a free port) in a thread; yield the base URL."""
+def serve(directory: Path, port: int = 0) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 (`port`, or a free one) in a thread; yield the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = _QuietServer(("127.0.0.1", 0), handler)
+    try:
+        server = _QuietServer(("127.0.0.1", port), handler)
+    except OSError as e:
+        raise RuntimeError(f"cannot serve {directory} on 127.0.0.1:{port}: {e} (choose another port)") from None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -143,3 +147,38 @@ def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def write_demo_dataset(directory: Path, base_url: str) -> tuple[Path, dict[str, int]]:
+    """The demo's LAION-Aesthetics-V2-style metadata over files written to `directory` (served at base_url):
+
+    * every shipped photo at its own size, as JPEG (the rows the pipeline should train and evaluate on);
+    * the broken files of `write_photos` and a URL that answers 404 (download/encode count them);
+    * rows the filter must drop: too small, low aesthetic score, NSFW, watermark, a duplicate URL.
+    Returns the parquet path and what each group should count, for the demo's summary.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, image in shipped_photos().items():
+        image.save(directory / f"{name}.jpg", quality=95)
+        rows.append({"url": f"{base_url}/{name}.jpg", "text": f"a photo: {name}", "width": image.width,
+                     "height": image.height, "aesthetic": 6.5})
+    good = len(rows)
+    photo = shipped_photos(["chelsea"])["chelsea"]
+    (directory / "truncated.jpg").write_bytes(jpeg_bytes(photo)[:20_000])
+    (directory / "html.jpg").write_bytes(b"<!doctype html><html><body>Not found, but 200 OK</body></html>")
+    broken = [("truncated.jpg", 451, 300), ("html.jpg", 600, 400), (MISSING, 640, 480)]
+    rows += [{"url": f"{base_url}/{name}", "text": name, "width": w, "height": h, "aesthetic": 6.0}
+             for name, w, h in broken]
+    astronaut = f"{base_url}/astronaut.jpg"
+    rows += [{"url": f"{base_url}/thumb.jpg", "text": "too small", "width": 120, "height": 90},
+             {"url": f"{base_url}/ugly.jpg", "text": "low score", "width": 800, "height": 600, "aesthetic": 3.0},
+             {"url": f"{base_url}/nsfw.jpg", "text": "unsafe", "width": 800, "height": 600, "punsafe": 0.99},
+             {"url": f"{base_url}/logo.jpg", "text": "watermark", "width": 800, "height": 600, "pwatermark": 0.95},
+             {"url": astronaut, "text": "the same URL again", "width": 512, "height": 512}]
+    path = directory / "metadata" / "laion-demo.parquet"
+    table = laion_table(rows, "aesthetics_v2")
+    if not path.exists() or not pq.read_table(path).equals(table):  # unchanged: keep the mtime (fingerprints)
+        write_laion_parquet(path, rows, "aesthetics_v2")
+    return path, {"rows": len(rows), "photos": good, "broken": len(broken), "filtered_out": 5,
+                  "shipped": len(SHIPPED_PHOTOS)}

@@ -1,0 +1,110 @@
+"""The demo (`make demo`): the whole pipeline on one machine, offline, with everything it needs started here and
+stopped at the end: an HTTP server on 127.0.0.1 serving real photos, an MLflow server (SQLite), a local Ray.
+
+It ends by printing the outputs, the MLflow run ids, the command that reopens the MLflow UI, and the evaluation
+table; and it writes `decoded_sizes.png`: one held-out latent decoded at several sizes and aspect ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pipelines.pipeline import PipelineResult, run_pipeline
+from pipelines.services import mlflow_server, mlflow_server_command
+
+log_prefix = "[demo]"
+
+
+def run_demo(config: Any) -> PipelineResult:
+    cfg = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+    output = Path(cfg.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray: no token file in ~/.ray
+    start = time.time()
+    with contextlib.ExitStack() as stack:
+        input_uri = cfg.input
+        if not input_uri:
+            from pipelines.sample_data import serve, write_demo_dataset
+
+            site = output / "site"
+            # a fixed port: the URLs, and so the fingerprints and the train/eval split, are the same every run
+            base_url = stack.enter_context(serve(site, cfg.site_port))
+            input_uri, expected = write_demo_dataset(site, base_url)
+            print(f"{log_prefix} serving {expected['photos']} photos, {expected['broken']} broken URLs and "
+                  f"{expected['filtered_out']} rows to filter out from {base_url}", flush=True)
+        if not cfg.mlflow.tracking_uri:
+            cfg.mlflow.tracking_uri = stack.enter_context(mlflow_server(output / "mlflow"))
+            print(f"{log_prefix} MLflow server at {cfg.mlflow.tracking_uri} (SQLite: {output / 'mlflow' / 'mlflow.db'})",
+                  flush=True)
+        result = run_pipeline(cfg, input_uri=str(input_uri))
+        figure = decoded_sizes_figure(cfg, result, output / "decoded_sizes.png")
+        summary(cfg, result, output, figure, time.time() - start)
+    return result
+
+
+def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path | None:
+    """One held-out latent decoded by the trained model at each of `figure_sizes`, side by side."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from infgen.cli import parse_cli_size
+    from infgen.models import InfGen
+    from infgen.visualize import image_grid
+    from pipelines.common import held_out, resolve_files
+    from pipelines.tracking import Tracker
+
+    if "train" not in result.stages or "encode" not in result.stages:
+        return None
+    fs, paths = resolve_files(result.stages["encode"].output)
+    row = None
+    for p in paths:
+        table = pq.read_table(p, filesystem=fs, columns=["key", "url", "latent"])
+        for i, url in enumerate(table.column("url").to_pylist()):
+            if held_out(url, cfg.holdout.fraction, cfg.holdout.seed):
+                row = table.slice(i, 1)
+                break
+        if row is not None:
+            break
+    if row is None:
+        return None
+    latent = torch.from_numpy(row.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32))
+    model = InfGen.from_pretrained(result.stages["train"].model_dir)
+    images, labels = [], []
+    for size in cfg.figure_sizes:
+        h, w = parse_cli_size(size)
+        images.append(model.decode(latent, (h, w), tile=256 if max(h, w) > 512 else None)[0])
+        labels.append(f"{w}x{h}")
+    image_grid([images], labels, cell=320).save(path)
+    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, "demo-figure",
+                 run_id=result.run_ids.get("pipeline")) as tracker:
+        tracker.log_artifact(path)
+    return path
+
+
+def summary(cfg: Any, result: PipelineResult, output: Path, figure: Path | None, seconds: float) -> None:
+    from pipelines.evaluate import print_table
+
+    print(f"\n{log_prefix} done in {seconds / 60:.1f} min. Outputs under {output}:")
+    for stage, out in result.stages.items():
+        where = getattr(out, "model_dir", None) or out.output
+        print(f"  {stage:<9} {where}   ({result.seconds[stage]:.0f} s, MLflow run {result.run_ids.get(stage)})")
+    if figure:
+        print(f"  figure    {figure}")
+    print(f"\nMLflow: experiment {cfg.mlflow.experiment!r}, parent run {result.run_ids.get('pipeline')} "
+          f"with one nested run per stage.")
+    if (output / "mlflow" / "mlflow.db").exists():
+        port_cmd = mlflow_server_command(output / "mlflow", 5000)
+        print("Open the UI:  " + " ".join(shlex.quote(c) for c in port_cmd) + "   → http://127.0.0.1:5000")
+    if "evaluate" in result.stages:
+        stats = result.stages["evaluate"].stats
+        print(f"\nEvaluation ({stats['samples']} held-out crops; features: {stats['extractor']}; "
+              f"LPIPS: {stats['lpips']}):")
+        print_table(stats["rows"])

@@ -1,0 +1,138 @@
+"""The cluster configs (conf/cluster/*.yaml) parse into each stage's own config/validation, without running
+anything: a misspelt key or a bad value fails here, not hours into a job on the cluster."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from jobs.config import load_job_config
+from pipelines.common import dataclass_from, plain_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "conf" / "cluster"
+SHARED = "/mnt/shared/infgen/"
+
+
+def _filter(cfg: dict) -> None:
+    from pipelines.filter import _config_dict, filter_params
+
+    params = filter_params(_config_dict(cfg))
+    assert params["min_pixels"] == 2_000_000
+
+
+def _download(cfg: dict) -> None:
+    from pipelines.download import _config
+
+    cfg = _config({**cfg, "input": cfg["input"] or f"{SHARED}data/filter/FINGERPRINT"})  # input is per run
+    assert cfg["distributor"] == "ray"
+
+
+def _encode(cfg: dict) -> None:
+    from pipelines.encode import EncodeConfig
+
+    enc = EncodeConfig.from_mapping(cfg)
+    assert (enc.num_gpus, enc.num_actors, enc.precision, enc.input_size) == (1, 8, "fp16", 512)
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted keys, descending only into the sections the training code reads key by key."""
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict) and key in ("train", "samples", "mlflow", "ray"):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _train(cfg: dict) -> None:
+    from infgen.losses import LossConfig
+    from infgen.models import INFGEN_PRESETS, InfGenConfig
+    from infgen.training import OptimConfig
+
+    # pipelines/train.py reads these sections key by key: the same keys as the local config it is tested with
+    local = plain_config(OmegaConf.load(ROOT / "conf" / "train" / "local.yaml"))
+    assert _keys(cfg) == _keys(local), f"keys differ from conf/train/local.yaml: {_keys(cfg) ^ _keys(local)}"
+    # the dataclass sections are checked by their dataclasses (unknown keys are errors)
+    dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
+    loss = dataclass_from(LossConfig, cfg["loss"])
+    assert not loss.lpips_random_backbone  # a real run reports LPIPS: the pretrained backbone
+    assert cfg["preset"] in INFGEN_PRESETS
+    model = InfGenConfig(**{**INFGEN_PRESETS[cfg["preset"]], **cfg["model"]})
+    train = cfg["train"]
+    assert train["use_gpu"] and train["num_workers"] == 8 and cfg["optim"]["bf16"]
+    assert train["batch_size"] % train["num_workers"] == 0
+    assert train["sizes"][0] <= train["sizes"][1] <= model.max_size
+    assert all(s % train["multiple"] == 0 for s in train["sizes"]) and train["multiple"] % model.scale == 0
+    assert all(max(hw) <= model.max_size for hw in cfg["samples"]["sizes"])
+    # targets are resized from the encoded high-resolution crops: never ask for more than the crops hold
+    encode = plain_config(OmegaConf.load(CLUSTER / "encode.yaml"))
+    assert train["sizes"][1] <= encode["hr_max_side"]
+    assert cfg["output"].startswith(SHARED) and "://" not in cfg["output"]  # written with plain file I/O
+
+
+def _evaluate(cfg: dict) -> None:
+    from pipelines.evaluate import EvalConfig
+
+    EvalConfig.from_mapping(cfg)
+
+
+VALIDATORS = {"filter.yaml": _filter, "download.yaml": _download, "encode.yaml": _encode,
+              "train_stage1.yaml": _train, "train_stage2.yaml": _train, "evaluate.yaml": _evaluate}
+
+
+def test_every_stage_has_a_cluster_config():
+    names = {p.name for p in CLUSTER.glob("*.yaml")}
+    assert {"filter.yaml", "download.yaml", "encode.yaml", "train_stage1.yaml", "train_stage2.yaml"} <= names
+    assert names <= set(VALIDATORS), f"no validator in this test for {sorted(names - set(VALIDATORS))}"
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_config_is_valid(path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = path.read_text()
+    assert text.startswith("#") and "ray job submit" in text.split("\n\n")[0], "header: purpose + submit command"
+    cfg = plain_config(load_job_config(path))  # what the job sees (interpolations resolved)
+    assert cfg["mlflow"]["tracking_uri"].startswith("http://")  # the placeholder, when nothing is set
+    if "output" in cfg:
+        assert cfg["output"].startswith(SHARED) or "://" in cfg["output"]
+    VALIDATORS[path.name](cfg)
+
+
+def test_tracking_uri_comes_from_the_environment_or_the_command_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    for path in CLUSTER.glob("*.yaml"):
+        assert plain_config(load_job_config(path))["mlflow"]["tracking_uri"] == "http://tracking.example:5000"
+        cfg = load_job_config(path, ["mlflow.tracking_uri=http://other:1"])
+        assert plain_config(cfg)["mlflow"]["tracking_uri"] == "http://other:1"
+
+
+def test_stage2_starts_from_stage1():
+    stage1, stage2 = (plain_config(OmegaConf.load(CLUSTER / f"train_stage{i}.yaml")) for i in (1, 2))
+    assert stage2["init_from"] == f"{stage1['output']}/{stage1['name']}/model"  # stage 1's exported model
+    assert stage2["preset"] == stage1["preset"] and stage2["data"] == stage1["data"]
+    assert stage2["train"]["sizes"][1] == 2048 and stage1["train"]["sizes"] == [512, 1024]
+
+
+def test_evaluation_holdout_matches_training():
+    """The images the evaluation scores must be the ones both training stages held out."""
+    holdouts = [plain_config(OmegaConf.load(CLUSTER / f"train_stage{i}.yaml")).get("holdout") for i in (1, 2)]
+    assert holdouts[0] == holdouts[1]
+    evaluate = CLUSTER / "evaluate.yaml"
+    if evaluate.exists() and "holdout" in (cfg := plain_config(OmegaConf.load(evaluate))):
+        assert cfg["holdout"] == holdouts[0]
+
+
+@pytest.mark.parametrize("cluster, local", [("filter", "data/filter"), ("download", "data/download"),
+                                            ("encode", "data/encode"), ("train_stage1", "train/local"),
+                                            ("train_stage2", "train/local")])
+def test_same_keys_as_the_local_config(cluster, local):
+    """A key added to a stage (and its local config) must reach its cluster config too."""
+    def keys(path: Path) -> set[str]:
+        tree = OmegaConf.to_container(OmegaConf.load(path))
+        return {f"{k}.{sub}" if sub else k for k, v in tree.items()
+                for sub in (list(v) if isinstance(v, dict) and k in ("train", "ray", "mlflow", "samples", "holdout")
+                            else [None])}
+
+    theirs, ours = keys(ROOT / "conf" / f"{local}.yaml"), keys(CLUSTER / f"{cluster}.yaml")
+    assert ours == theirs, f"conf/cluster/{cluster}.yaml vs conf/{local}.yaml: {sorted(ours ^ theirs)}"
