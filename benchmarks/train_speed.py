@@ -64,7 +64,7 @@ def make_shards(directory: Path, rows: int, shards: int, input_size: int, hr_siz
     from infgen.images import shipped_photos, to_pil
     from infgen.vae import load_vae
 
-    params = {"rows": rows, "shards": shards, "input_size": input_size, "hr_size": hr_size, "seed": seed}
+    params = {"rows": rows, "shards": shards, "input_size": input_size, "hr_size": hr_size, "seed": seed, "url": 1}
     stamp = directory / "_params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return {**params, "reused": True, "seconds": 0.0}
@@ -85,7 +85,8 @@ def make_shards(directory: Path, rows: int, shards: int, input_size: int, hr_siz
         lat = latents[index].numpy().astype(np.float16)
         table = pa.table({"key": [f"{shard:05d}{i:06d}" for i in index],
                           "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(lat),
-                          "hr": pa.array(pngs, pa.binary())})
+                          "hr": pa.array(pngs, pa.binary()),
+                          "url": [f"http://127.0.0.1/{shard:05d}{i:06d}.jpg" for i in index]})
         pq.write_table(table, directory / f"{shard:05d}.parquet")
     stamp.write_text(json.dumps(params))
     return {**params, "reused": False, "seconds": round(time.perf_counter() - start, 2)}

@@ -167,7 +167,7 @@ def write_demo_dataset(directory: Path, base_url: str) -> tuple[Path, dict[str, 
     photo = shipped_photos(["chelsea"])["chelsea"]
     (directory / "truncated.jpg").write_bytes(jpeg_bytes(photo)[:20_000])
     (directory / "html.jpg").write_bytes(b"<!doctype html><html><body>Not found, but 200 OK</body></html>")
-    broken = [("truncated.jpg", 451, 300), ("html.jpg", 600, 400), (MISSING, 640, 480)]
+    broken = [("truncated.jpg", 600, 400), ("html.jpg", 600, 400), (MISSING, 640, 480)]
     rows += [{"url": f"{base_url}/{name}", "text": name, "width": w, "height": h, "aesthetic": 6.0}
              for name, w, h in broken]
     astronaut = f"{base_url}/astronaut.jpg"
