@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import math
 import os
@@ -55,16 +54,14 @@ def loadavg() -> list[float]:
 
 
 def make_shards(directory: Path, rows: int, shards: int, input_size: int, hr_size: int, seed: int) -> dict:
-    """`rows` rows in the encode stage's layout (key, latent fp16 tensor column, hr PNG bytes) from the shipped
-    photos, as the tests' `encoded` fixture writes them; reused when a previous run wrote the same."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """`rows` rows in the encode stage's layout (pipelines.sample_data.write_encoded_shards) from the shipped
+    photos; reused when a previous run wrote the same."""
     from infgen.data import photo_pairs
-    from infgen.images import shipped_photos, to_pil
+    from infgen.images import shipped_photos
     from infgen.vae import load_vae
+    from pipelines.sample_data import write_encoded_shards
 
-    params = {"rows": rows, "shards": shards, "input_size": input_size, "hr_size": hr_size, "seed": seed, "url": 1}
+    params = {"rows": rows, "shards": shards, "input_size": input_size, "hr_size": hr_size, "seed": seed, "layout": 2}
     stamp = directory / "_params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return {**params, "reused": True, "seconds": 0.0}
@@ -75,19 +72,7 @@ def make_shards(directory: Path, rows: int, shards: int, input_size: int, hr_siz
     latents, hr = photo_pairs(photos, load_vae("tiny"), crops_per_image=math.ceil(rows / len(photos)),
                               input_size=input_size, hr_size=hr_size, seed=seed)
     latents, hr = latents[:rows], hr[:rows]
-    for shard in range(shards):
-        index = list(range(shard, rows, shards))
-        pngs = []
-        for i in index:
-            buffer = io.BytesIO()
-            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
-            pngs.append(buffer.getvalue())
-        lat = latents[index].numpy().astype(np.float16)
-        table = pa.table({"key": [f"{shard:05d}{i:06d}" for i in index],
-                          "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(lat),
-                          "hr": pa.array(pngs, pa.binary()),
-                          "url": [f"http://127.0.0.1/{shard:05d}{i:06d}.jpg" for i in index]})
-        pq.write_table(table, directory / f"{shard:05d}.parquet")
+    write_encoded_shards(directory, latents, hr, shards)
     stamp.write_text(json.dumps(params))
     return {**params, "reused": False, "seconds": round(time.perf_counter() - start, 2)}
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from .losses import InfGenLoss
-from .models import InfGen
 
 
 @dataclass

@@ -95,7 +95,8 @@ def summary(cfg: Any, result: PipelineResult, output: Path, figure: Path | None,
     print(f"\n{log_prefix} done in {seconds / 60:.1f} min. Outputs under {output}:")
     for stage, out in result.stages.items():
         where = getattr(out, "model_dir", None) or out.output
-        print(f"  {stage:<9} {where}   ({result.seconds[stage]:.0f} s, MLflow run {result.run_ids.get(stage)})")
+        run = "complete already: reused" if getattr(out, "skipped", False) else f"MLflow run {result.run_ids.get(stage)}"
+        print(f"  {stage:<9} {where}   ({result.seconds[stage]:.0f} s, {run})")
     if figure:
         print(f"  figure    {figure}")
     print(f"\nMLflow: experiment {cfg.mlflow.experiment!r}, parent run {result.run_ids.get('pipeline')} "

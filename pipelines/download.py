@@ -48,7 +48,7 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -414,10 +414,11 @@ def run_evaluate(config: Any) -> StageResult:
     p = plan(cfg)
     data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "kind": cfg.data_kind,
                                                 "reference": p.reference_files})
-    model_files = sorted(Path(cfg.model).glob("*")) if cfg.model and os.path.isdir(cfg.model) else []
+    model_dir = Path(cfg.model or "")
+    model_files = sorted(f for f in model_dir.glob("*") if f.is_file()) if cfg.model and model_dir.is_dir() else []
     params = {k: v for k, v in asdict(cfg).items() if k not in ("ray", "mlflow", "output", "workers")}
     fp = config_hash({"data": data_fp, "params": params,
-                      "model": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in model_files]})
+                      "model": [(f.name, file_digest(f)) for f in model_files]})  # content: a re-export is the same model
     fs, root = output_root(cfg.output)
     out_dir = f"{root}/{fp}"
     if is_complete(fs, out_dir):
@@ -463,6 +464,14 @@ def run_evaluate(config: Any) -> StageResult:
         print_table(rows)
         print(f"[evaluate] results: {out_dir}  (MLflow run {tracker.run_id})", flush=True)
         return StageResult(out_dir, stats, run_id=tracker.run_id)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def lpips_status(cfg: EvalConfig) -> str:

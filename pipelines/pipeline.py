@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from pipelines.common import StageResult, init_ray, plain_config
+from pipelines.common import init_ray, plain_config
 from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
 
 STAGES = ("filter", "download", "encode", "train", "evaluate")

@@ -19,12 +19,10 @@ including the test session's own (the `ray_local` fixture).
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,12 +31,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sample_data import write_laion_parquet
+from pipelines.sample_data import write_encoded_shards, write_laion_parquet
 from pipelines.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,22 +227,9 @@ def laion_rows() -> tuple[list[dict], dict]:
 def encoded_shards(directory: Path, vae, photos) -> Path:
     """Two parquet shards in the encode stage's layout (key, fp16 latent tensor column, PNG crop)."""
     from infgen.data import photo_pairs
-    from infgen.images import to_pil
 
     latents, hr = photo_pairs(list(photos.values()), vae, crops_per_image=2, input_size=128, hr_size=256, seed=0)
-    directory.mkdir(parents=True)
-    for shard in range(2):
-        rows = list(range(shard, len(latents), 2))
-        pngs = []
-        for i in rows:
-            buffer = io.BytesIO()
-            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
-            pngs.append(buffer.getvalue())
-        table = pa.table({"key": [f"{shard:05d}{i:04d}" for i in rows],
-                          "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents[rows].numpy().astype(np.float16)),
-                          "hr": pa.array(pngs, pa.binary())})
-        pq.write_table(table, directory / f"{shard:05d}.parquet")
-    return directory
+    return write_encoded_shards(directory, latents, hr)
 
 
 # ---- the rehearsal ----------------------------------------------------------------------------------------

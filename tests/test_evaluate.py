@@ -2,7 +2,6 @@
 table, the plots and the MLflow run for reconstruction (encoded shards) and generation (latent files)."""
 
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from PIL import Image
 from infgen.data import photo_pairs
 from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator, output_size
 from infgen.fid import FeatureSample, PatchProtocol, RandomConvFeatures, kernel_inception_distance, patch_priority
-from infgen.images import to_pil
 from infgen.models import InfGen
 from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.sample_data import write_encoded_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,21 +127,7 @@ def model_dir(tmp_path_factory, tiny_vae):
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, pairs):
-    directory = tmp_path_factory.mktemp("encoded")
-    latents, hr = pairs
-    for shard in range(2):
-        rows = list(range(shard, len(latents), 2))
-        pngs = []
-        for i in rows:
-            buffer = io.BytesIO()
-            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
-            pngs.append(buffer.getvalue())
-        pq.write_table(pa.table({
-            "key": [f"{shard}-{i}" for i in rows],
-            "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents[rows].numpy().astype(np.float16)),
-            "hr": pa.array(pngs, pa.binary()), "url": [f"http://127.0.0.1/{i}.jpg" for i in rows]}),
-            directory / f"{shard:05d}.parquet")
-    return directory
+    return write_encoded_shards(tmp_path_factory.mktemp("encoded"), *pairs)
 
 
 def eval_config(model_dir, data, output, tracking_uri, **overrides):

@@ -2,13 +2,12 @@
 downloading from 127.0.0.1, the tiny VAE on a Ray actor pool; exact counts carried through every stage."""
 
 import pyarrow.parquet as pq
-import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.sample_data import LARGE_PHOTOS, MISSING, serve, write_laion_parquet, write_photos
 from pipelines.download import run_download
 from pipelines.encode import run_encode
 from pipelines.filter import run_filter
+from pipelines.sample_data import LARGE_PHOTOS, MISSING, serve, write_laion_parquet, write_photos
 
 BROKEN_ROWS = ["truncated.jpg", "html.jpg", "empty.jpg", "bomb.png", "tiny.jpg", MISSING]
 

@@ -1,6 +1,5 @@
 """Training on Ray Train: 2 gloo workers, checkpoints, failure + restart, resume by rerunning, MLflow."""
 
-import io
 import os
 import subprocess
 import sys
@@ -8,16 +7,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from infgen.data import photo_pairs
-from infgen.images import to_pil
 from infgen.models import InfGen
+from pipelines.sample_data import write_encoded_shards
 from pipelines.train import STATE_FILE, build_model, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, tiny_vae, photos):
-    """Shards in the encode stage's layout (key, latent fp16 tensor column, hr PNG bytes) from real photos."""
-    directory = tmp_path_factory.mktemp("encoded")
+    """Shards in the encode stage's layout from real photos: 4 crops of each."""
     latents, hr = photo_pairs(list(photos.values()), tiny_vae, crops_per_image=4, input_size=128, hr_size=256)
-    for shard in range(2):
-        rows = range(shard, len(latents), 2)
-        pngs = []
-        for i in rows:
-            buffer = io.BytesIO()
-            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
-            pngs.append(buffer.getvalue())
-        lat = latents[list(rows)].numpy().astype(np.float16)
-        table = pa.table({"key": [f"{shard:05d}{i:04d}" for i in rows],
-                          "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(lat), "hr": pa.array(pngs, pa.binary())})
-        pq.write_table(table, directory / f"{shard:05d}.parquet")
-    return directory
+    return write_encoded_shards(tmp_path_factory.mktemp("encoded"), latents, hr)
 
 
 def config(encoded, output, tracking_uri, **train):
