@@ -4,7 +4,8 @@ single-process loop doing the same work on the same data, in one run (see README
 Both sides use the same plan (pipelines.evaluate.plan: units of encoded rows), the same decoders, feature extractor
 and patch protocol, and the same per-unit code (read_encoded_unit → EvalAccumulator.add_chunk); the bare loop runs
 it in this process with all the torch threads (`--actors × --threads`), the Ray job on `--actors` actors with
-`--threads` each, then merges the actors' statistics. The Ray figure is the wall time of run_evaluate from the
+`--threads` each, then merges the actors' statistics; both compute the same distances (FID, FIDp, sFIDp, KID,
+precision/recall). The Ray job also writes the table, plots, crop grids and the MLflow run. The Ray figure is the wall time of run_evaluate from the
 call to the table (actor start-up and model loading included); the bare figure includes loading too.
 Driver memory: the RSS growth of this process during run_evaluate (the statistics merge is one D×D matrix at a
 time; the patches never reach the driver).
@@ -51,10 +52,10 @@ def config(args: argparse.Namespace, model: Path, data: Path, output: Path) -> d
 
 def bare(cfg: dict) -> float:
     """The same units, one process, no Ray."""
-    from infgen.evaluation import Decoders, EvalAccumulator
+    from infgen.evaluation import FEATURES, REFERENCE, Decoders, EvalAccumulator
     from infgen.fid import PatchProtocol, RandomConvFeatures
     from infgen.vae import load_vae
-    from pipelines.evaluate import EvalConfig, load_model, plan, read_encoded_unit
+    from pipelines.evaluate import EvalConfig, distances, load_model, plan, read_encoded_unit
 
     start = time.perf_counter()
     ecfg = EvalConfig.from_mapping(cfg)
@@ -65,6 +66,11 @@ def bare(cfg: dict) -> float:
     for unit in plan(ecfg).units:
         for chunk in read_encoded_unit(unit):
             acc.add_chunk(chunk, decoders)
+    for res in ecfg.resolutions:  # the same distances the Ray job computes (sFID's 2023² sqrtm dominates)
+        real = {f: acc.stats[(REFERENCE, res, f)] for f in FEATURES}
+        for decoder in ecfg.decoders:
+            distances(ecfg, {f: acc.stats[(decoder, res, f)] for f in FEATURES}, real,
+                      acc.samples[(decoder, res)], acc.samples[(REFERENCE, res)])
     return time.perf_counter() - start
 
 
