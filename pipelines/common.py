@@ -10,6 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -112,10 +113,12 @@ def remove_dir(fs: pafs.FileSystem, directory: str) -> None:
 
 def held_out(url: Optional[str], fraction: float, seed: int = 0) -> bool:
     """The train/evaluation split: True for the `fraction` of images held out of training, decided by a hash of
-    the image URL, so every crop of an image lands on the same side, on every run and every machine."""
+    the image URL's path and query, so every crop of an image lands on the same side on every run and machine.
+    The host is left out: mirrors of one image fall on the same side, and a server's port does not move it."""
     if not fraction:
         return False
-    digest = hashlib.sha256(f"{seed}\0{url}".encode()).digest()
+    parts = urlsplit(url or "")
+    digest = hashlib.sha256(f"{seed}\0{parts.path}?{parts.query}".encode()).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
 
 
