@@ -271,6 +271,38 @@ class SampleGrid:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
+SECTIONS = {  # every key a training config may have; anything else is a typo that would be silently ignored
+    "train": {"steps", "batch_size", "sizes", "multiple", "aspect_range", "num_workers", "use_gpu", "cpus_per_worker",
+              "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
+              "sample_every", "shuffle_buffer", "seed", "fail_at_step"},
+    "samples": {"count", "sizes"},
+    "holdout": {"fraction", "seed"},
+    "mlflow": {"tracking_uri", "experiment", "registered_model_name"},
+    "ray": {"address", "num_cpus"},
+}
+TOP_LEVEL = {"name", "data", "output", "vae", "preset", "model", "init_from", "optim", "loss", *SECTIONS}
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Unknown keys anywhere in a training config are an error naming them, before any worker starts."""
+    from dataclasses import fields
+
+    from infgen.models import InfGenConfig
+
+    unknown = sorted(set(cfg) - TOP_LEVEL)
+    for section, known in SECTIONS.items():
+        unknown += sorted(f"{section}.{k}" for k in set(cfg.get(section) or {}) - known)
+    unknown += sorted(f"model.{k}" for k in set(cfg.get("model") or {}) - {f.name for f in fields(InfGenConfig)})
+    if unknown:
+        raise ValueError(f"training config: unknown keys {unknown}")
+    missing = sorted({"name", "data", "output", "vae", "preset", "train", "optim", "loss", "samples", "mlflow", "ray"}
+                     - set(cfg))
+    if missing:
+        raise ValueError(f"training config: missing keys {missing}")
+    dataclass_from(LossConfig, cfg["loss"])  # their own unknown-key and value checks
+    dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
+
+
 def run_train(config: Any) -> TrainResult:
     """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes."""
     import ray.data
@@ -278,6 +310,7 @@ def run_train(config: Any) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     cfg = plain_config(config)
+    check_config(cfg)
     train = cfg["train"]
     if train["batch_size"] % train["num_workers"]:
         raise ValueError(f"train.batch_size {train['batch_size']} is not divisible by train.num_workers "

@@ -119,3 +119,14 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_local, encoded, 
     assert result.run_id is None
     assert torch.load(Path(result.checkpoint) / STATE_FILE, weights_only=False)["trainer"]["step"] == 8
     assert InfGen.from_pretrained(result.model_dir).config.width == 64
+
+
+def test_unknown_training_keys_fail_before_any_worker_starts(tmp_path):
+    cfg = config(tmp_path, tmp_path / "train", None)
+    cfg.train.stpes = 3
+    cfg.optim.learning_rate = 1.0
+    with pytest.raises(ValueError, match=r"unknown keys \['train.stpes'\]"):
+        run_train(cfg)
+    del cfg.train.stpes
+    with pytest.raises(ValueError, match="unknown OptimConfig keys in the config: \\['learning_rate'\\]"):
+        run_train(cfg)
