@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .fid import FeatureExtractor, FeatureSample, PatchProtocol, RunningStats, patch_priority
-from .images import resize, to_pil, to_tensor
+from .images import center_crop, resize, to_pil, to_tensor
 from .metrics import psnr, ssim
 from .models import InfGen
 from .upsample import iterative_decode, iterative_schedule
@@ -59,8 +59,8 @@ class Decoders:
                       elsewhere it is the same computation as `infgen` and is not reported twice;
     vae_bicubic       the VAE decoder at its native size (8× the latent), then bicubic to the target size;
     vae_lanczos       the same, then Lanczos.
-    The VAE's native decode is shared by both baselines and timed once per chunk (each baseline's latency
-    includes it).
+    `decode` takes the whole chunk's latents and the rows to decode: the VAE's native decode is then done once
+    per chunk, shared by both baselines and every resolution (each baseline's latency includes its share).
     """
 
     def __init__(self, names: Sequence[str], model: Optional[InfGen], vae: FrozenVAE, tile: Optional[int],
@@ -79,13 +79,17 @@ class Decoders:
             return True
         return len(iterative_schedule(latent_hw, self.model.config.scale, size)) > 1
 
-    def decode(self, name: str, latents: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        """(images (B, 3, H, W) in [-1, 1] on the CPU, seconds per image)."""
+    def decode(self, name: str, latents: torch.Tensor, index: Sequence[int],
+               size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        """Rows `index` of a chunk's latents → (images (len(index), 3, H, W) in [-1, 1] on the CPU, seconds per
+        image)."""
         start = time.perf_counter()
         if name.startswith("vae_"):
             native, native_s = self.native(latents)
+            native = native[index]
             images = resize(native, size, "bicubic") if name == "vae_bicubic" else lanczos_resize(native, size)
-            return images, native_s + (time.perf_counter() - start) / len(latents)
+            return images, native_s + (time.perf_counter() - start) / len(index)
+        latents = latents[index]
         tile = self.tile if self.tile and max(size) > self.tile_above else None
         with torch.autocast(latents.device.type, self.autocast, enabled=self.autocast is not None):
             if name == "infgen":
@@ -96,7 +100,8 @@ class Decoders:
         return images, (time.perf_counter() - start) / len(latents)
 
     def native(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The VAE's decode at native size (cached for the current chunk), and its seconds per image."""
+        """The VAE's decode of a whole chunk at native size (cached while the same chunk is decoded), and its
+        seconds per image."""
         if self._native is None or self._native[0] is not latents:
             start = time.perf_counter()
             images = self.vae.decode(latents).float().cpu()
@@ -153,15 +158,13 @@ class EvalAccumulator:
                 for name in decoders.names:
                     if not decoders.applies(name, latent_hw, size):
                         continue
-                    images, seconds = decoders.decode(name, chunk.latents[index], size)
+                    images, seconds = decoders.decode(name, chunk.latents, index, size)
                     self.counts[(name, res)]["decode_s"] += seconds * len(index)
                     self.observe(name, res, keys, images, truth)
 
     def add_reference(self, keys: Sequence[str], images: Sequence[Image.Image], aspect: float) -> None:
         """Real reference images (generation mode): centre-cropped to `aspect`, resized (Lanczos) to each
         resolution's (H, W), measured under the source "reference"."""
-        from .images import center_crop
-
         for res in self.resolutions:
             size = output_size(aspect, res)
             tensors = []
@@ -169,9 +172,9 @@ class EvalAccumulator:
                 crop = center_crop(image, aspect)
                 self.counts[(REFERENCE, res)]["truth_upsampled"] += max(crop.size) < res
                 tensors.append(to_tensor(crop.resize((size[1], size[0]), Image.LANCZOS)))
-            for start in range(0, len(tensors), self._batch(size)):
-                self.observe(REFERENCE, res, list(keys[start:start + self._batch(size)]),
-                             torch.stack(tensors[start:start + self._batch(size)]))
+            batch = self._batch(size)
+            for start in range(0, len(tensors), batch):
+                self.observe(REFERENCE, res, list(keys[start:start + batch]), torch.stack(tensors[start:start + batch]))
 
     def observe(self, source: str, res: int, keys: Sequence[str], images: torch.Tensor,
                 truth: Optional[torch.Tensor] = None) -> None:
@@ -205,9 +208,7 @@ class EvalAccumulator:
             self.stats[key] = self.stats[key].merge(stats) if key in self.stats else stats
         for key, sample in other.samples.items():
             self.samples[key] = self.samples[key].merge(sample) if key in self.samples else sample
-        for key, counts in other.counts.items():
-            for name, value in counts.items():
-                self.counts[key][name] += value
+        add_counts(self.counts, other.counts)
         self.per_image += other.per_image
         self.crops.update(other.crops)
         return self
@@ -244,6 +245,15 @@ class EvalAccumulator:
         for key, p_i, s_i, l_i in zip(keys, p, s, lp):
             self.per_image.append({"key": key, "decoder": source, "resolution": res, "height": images.shape[2],
                                    "width": images.shape[3], "psnr": p_i, "ssim": s_i, "lpips": l_i})
+
+
+def add_counts(total: dict, counts: dict) -> dict:
+    """Add counters {(source, resolution): {name: value}} into `total` (the merge of workers' counts)."""
+    for key, values in counts.items():
+        bucket = total.setdefault(key, {})
+        for name, value in values.items():
+            bucket[name] = bucket.get(name, 0) + value
+    return total
 
 
 def centre_crop_uint8(image: torch.Tensor, size: int) -> np.ndarray:

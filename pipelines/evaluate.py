@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -42,7 +43,7 @@ import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
-from infgen.evaluation import DECODERS, FEATURES, REFERENCE, Chunk, Decoders, EvalAccumulator
+from infgen.evaluation import DECODERS, FEATURES, REFERENCE, Chunk, Decoders, EvalAccumulator, add_counts
 from infgen.fid import (FeatureSample, InceptionFeatures, PatchProtocol, RandomConvFeatures, RunningStats,
                         frechet_distance, kernel_inception_distance, precision_recall)
 from infgen.images import to_tensor
@@ -50,7 +51,7 @@ from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 
-from pipelines.common import (StageResult, fingerprint, held_out, init_ray, is_complete, mark_success, output_root,
+from pipelines.common import (StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success, output_root,
                               plain_config, read_json, resolve_files, write_json)
 from pipelines.tracking import Tracker, config_hash
 
@@ -221,9 +222,6 @@ class EvalWorker:
             self.acc.add_chunk(Chunk(chunk.keys, chunk.latents.to(self.device), chunk.truths), self.decoders)
         return sum(len(c.keys) for c in chunks)
 
-    def stat_keys(self) -> list[tuple]:
-        return list(self.acc.stats) + [("sample", *k) for k in self.acc.samples]
-
     def stats(self, key: tuple) -> RunningStats:
         return self.acc.stats.get(key)
 
@@ -314,7 +312,7 @@ def plan(cfg: EvalConfig) -> Plan:
     root = cfg.data if os.path.isdir(cfg.data) else os.path.dirname(paths[0])
     units = [{"kind": "latents", "path": p, "key": os.path.relpath(p, root), "chunk_rows": chunk_rows}
              for p in paths]
-    ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
+    _, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
     step = cfg.workers["reference_chunk"]
     reference_units = [{"kind": "reference", "paths": ref_paths[i:i + step]} for i in range(0, len(ref_paths), step)]
     grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid["count"]]]
@@ -328,8 +326,8 @@ def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
 
 
 def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
-    """One unit per parquet row group holding selected rows; the selection is the `limit` smallest key hashes
-    (deterministic, independent of file order), or every row."""
+    """Units of at most `chunk_rows` selected rows of one parquet row group; the selection is the `limit`
+    smallest key hashes (deterministic, independent of file order), or every row."""
     import pyarrow.parquet as pq
 
     fs, paths = resolve_files(cfg.data, suffix=".parquet")
@@ -341,10 +339,10 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
             if missing:
                 raise ValueError(f"{path}: not an encode-stage shard (missing columns {sorted(missing)})")
             for g in range(parquet.num_row_groups):
-                table = parquet.read_row_group(g, columns=["key", "url"])
-                groups.append((path, g, [k for k, u in zip(table.column("key").to_pylist(),
-                                                            table.column("url").to_pylist())
-                                         if not cfg.holdout["fraction"] or held_out(u, **cfg.holdout)]))
+                groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
+    if cfg.holdout["fraction"]:  # only the images training held out, by the same split
+        keep = set(held_out_keys(fs, paths, **cfg.holdout))
+        groups = [(path, g, [k for k in ks if k in keep]) for path, g, ks in groups]
     keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
     if not keys:
         raise ValueError(f"data {cfg.data}: the shards hold no rows"
@@ -363,40 +361,40 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
 # ---- reference statistics cache -----------------------------------------------------------------------------
 
 
-def reference_cache_path(cfg: EvalConfig, plan: Plan, res: int, data_fp: str) -> str:
+def reference_cache_path(cfg: EvalConfig, res: int, data_fp: str) -> str:
     """The cache file of the reference statistics at `res`: a hash of what they depend on, nothing else."""
     key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.protocol.to_dict(),
            "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples}
     root = cfg.reference_cache or os.path.join(cfg.output, "reference_stats")
-    return os.path.join(root, f"ref_{res}_{config_hash(key)}.npz")
+    return os.path.join(root, f"ref_{res}_{config_hash(key)}")
 
 
 def save_reference(path: str, stats: dict[str, RunningStats], sample: Optional[FeatureSample],
                    counts: dict) -> None:
-    arrays = {"counts": np.array(json.dumps(counts))}
+    """Write the cache entry `path`, a directory (one RunningStats npz per feature, the sample, the counts),
+    into a temporary directory renamed at the end: a reader never sees half an entry."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name, s in stats.items():
-        arrays.update({f"{name}.n": s.n, f"{name}.s": s.s, f"{name}.ss": s.ss})
+        s.to_npz(tmp / f"{name}.npz")
     if sample is not None and len(sample):
-        arrays.update({"sample.features": sample.features, "sample.priorities": sample.priorities,
-                       "sample.capacity": sample.capacity})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+        np.savez(tmp / "sample.npz", features=sample.features, priorities=sample.priorities, capacity=sample.capacity)
+    (tmp / "counts.json").write_text(json.dumps(counts))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another evaluation cached the same entry first
+        shutil.rmtree(tmp)
 
 
 def load_reference(path: str) -> tuple[dict[str, RunningStats], Optional[FeatureSample], dict]:
-    with np.load(path) as z:
-        stats = {}
-        for name in FEATURES:
-            if f"{name}.n" in z:
-                s = RunningStats(z[f"{name}.s"].shape[0])
-                s.n, s.s, s.ss = int(z[f"{name}.n"]), z[f"{name}.s"], z[f"{name}.ss"]
-                stats[name] = s
-        sample = None
-        if "sample.features" in z:
-            sample = FeatureSample(int(z["sample.capacity"])).add(z["sample.features"], z["sample.priorities"])
-        return stats, sample, json.loads(str(z["counts"]))
+    path = Path(path)
+    stats = {f: RunningStats.from_npz(path / f"{f}.npz") for f in FEATURES if (path / f"{f}.npz").is_file()}
+    sample = None
+    if (path / "sample.npz").is_file():
+        with np.load(path / "sample.npz") as z:
+            sample = FeatureSample(int(z["capacity"])).add(z["features"], z["priorities"])
+    return stats, sample, json.loads((path / "counts.json").read_text())
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------
@@ -426,8 +424,8 @@ def run_evaluate(config: Any) -> StageResult:
         return StageResult(out_dir, read_json(fs, f"{out_dir}/results.json"), skipped=True)
 
     lpips_note = lpips_status(cfg)
-    cache = {res: reference_cache_path(cfg, p, res, data_fp) for res in cfg.resolutions}
-    cached = all(os.path.isfile(path) for path in cache.values())
+    cache = {res: reference_cache_path(cfg, res, data_fp) for res in cfg.resolutions}
+    cached = all(os.path.isdir(path) for path in cache.values())
     print(f"[evaluate] {p.samples} samples in {len(p.units)} units, resolutions {cfg.resolutions}, decoders "
           f"{cfg.decoders}; reference statistics {'cached' if cached else 'computed in this run'}", flush=True)
 
@@ -448,7 +446,7 @@ def run_evaluate(config: Any) -> StageResult:
             pass
 
         rows, summary = collect(cfg, actors, cache, cached)
-        out = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, time.time() - start)
+        out, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, time.time() - start)
         for row in rows:
             tracker.log_metrics({f"{m}/{row['decoder']}": row[m] for m in METRICS if row.get(m) is not None},
                                 step=row["resolution"])
@@ -460,10 +458,9 @@ def run_evaluate(config: Any) -> StageResult:
         for actor in actors:
             ray.kill(actor)
         mark_success(fs, out_dir)
-        stats = read_json(fs, f"{out_dir}/results.json")
         print_table(rows)
         print(f"[evaluate] results: {out_dir}  (MLflow run {tracker.run_id})", flush=True)
-        return StageResult(out_dir, stats, run_id=tracker.run_id)
+        return StageResult(out_dir, results, run_id=tracker.run_id)
 
 
 def file_digest(path: Path) -> str:
@@ -490,20 +487,16 @@ def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) 
     """Merge the actors' statistics one at a time into the table rows (one per decoder and resolution)."""
     import ray
 
-    summaries = ray.get([a.summary.remote() for a in actors])
     counts: dict[tuple, dict] = {}
     per_image, crops = [], {}
-    for s in summaries:
-        for key, values in s["counts"].items():
-            for name, value in values.items():
-                counts.setdefault(key, {}).setdefault(name, 0)
-                counts[key][name] += value
+    for s in ray.get([a.summary.remote() for a in actors]):
+        add_counts(counts, s["counts"])
         per_image += s["per_image"]
         crops.update(s["crops"])
 
-    def merged(key: tuple) -> Any:
-        parts = [x for x in ray.get([a.stats.remote(key) if key[0] != "sample" else a.sample.remote(key[1:])
-                                     for a in actors]) if x is not None]
+    def merged(method: str, key: tuple) -> Any:
+        """One statistic (`stats`) or sample (`sample`), fetched from every actor and merged."""
+        parts = [x for x in ray.get([getattr(a, method).remote(key) for a in actors]) if x is not None]
         return _merge(parts)
 
     rows = []
@@ -511,9 +504,9 @@ def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) 
         if cached:
             ref_stats, ref_sample, ref_counts = load_reference(cache[res])
         else:
-            ref_stats = {f: merged((REFERENCE, res, f)) for f in FEATURES}
+            ref_stats = {f: merged("stats", (REFERENCE, res, f)) for f in FEATURES}
             ref_stats = {f: s for f, s in ref_stats.items() if s is not None}
-            ref_sample = merged(("sample", REFERENCE, res))
+            ref_sample = merged("sample", (REFERENCE, res))
             ref_counts = counts.get((REFERENCE, res), {})
             save_reference(cache[res], ref_stats, ref_sample, ref_counts)
         for decoder in cfg.decoders:
@@ -526,8 +519,8 @@ def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) 
                    "reference_patches": int(ref_counts.get("patches", 0)),
                    "truth_upsampled": int(ref_counts.get("truth_upsampled", 0)),
                    "latency_s": c.get("decode_s", 0.0) / max(1, c.get("images", 0))}
-            row.update(distances(cfg, {f: merged((decoder, res, f)) for f in FEATURES}, ref_stats,
-                                 merged(("sample", decoder, res)), ref_sample))
+            row.update(distances(cfg, {f: merged("stats", (decoder, res, f)) for f in FEATURES}, ref_stats,
+                                 merged("sample", (decoder, res)), ref_sample))
             row.update(reconstruction_means(per_image, decoder, res))
             rows.append(row)
     return rows, {"counts": counts, "per_image": per_image, "crops": crops}
@@ -569,16 +562,18 @@ def reconstruction_means(per_image: list[dict], decoder: str, res: int) -> dict:
 
 
 def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list[dict], summary: dict, p: Plan,
-                  lpips_note: str, seconds: float) -> list[str]:
-    """results.csv/json, per_image.csv, metrics_vs_resolution.png, crops_<R>.png; returns their names."""
+                  lpips_note: str, seconds: float) -> tuple[list[str], dict]:
+    """results.csv/json, per_image.csv, metrics_vs_resolution.png, crops_<R>.png; returns their names and the
+    content of results.json."""
     fs.create_dir(out_dir, recursive=True)
     names = ["results.json", "results.csv", "per_image.csv", "metrics_vs_resolution.png"]
-    write_json(fs, f"{out_dir}/results.json", {
+    results = {
         "rows": rows, "protocol": cfg.protocol.to_dict(), "extractor": extractor_id(cfg), "lpips": lpips_note,
         "resolutions": cfg.resolutions, "decoders": cfg.decoders, "model": cfg.model, "data": cfg.data,
         "data_kind": cfg.data_kind, "samples": p.samples, "reference_files": len(p.reference_files),
         "broken_reference_images": int(summary["counts"].get((REFERENCE, 0), {}).get("broken", 0)),
-        "seconds": seconds, "definitions": DEFINITIONS})
+        "seconds": seconds, "definitions": DEFINITIONS}
+    write_json(fs, f"{out_dir}/results.json", results)
     columns = ["decoder", "resolution", *METRICS, "images", "patches", "skipped_small", "reference_images",
                "reference_patches", "truth_upsampled"]
     _write_csv(fs, f"{out_dir}/results.csv", rows, columns)
@@ -592,7 +587,7 @@ def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list
             with fs.open_output_stream(f"{out_dir}/crops_{res}.png") as f:
                 f.write(png)
             names.append(f"crops_{res}.png")
-    return names
+    return names, results
 
 
 DEFINITIONS = {
