@@ -58,23 +58,16 @@ def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path |
     from infgen.cli import parse_cli_size
     from infgen.models import InfGen
     from infgen.visualize import image_grid
-    from pipelines.common import held_out, resolve_files
+    from pipelines.common import held_out_keys, resolve_files
     from pipelines.tracking import Tracker
 
     if "train" not in result.stages or "encode" not in result.stages:
         return None
     fs, paths = resolve_files(result.stages["encode"].output)
-    row = None
-    for p in paths:
-        table = pq.read_table(p, filesystem=fs, columns=["key", "url", "latent"])
-        for i, url in enumerate(table.column("url").to_pylist()):
-            if held_out(url, cfg.holdout.fraction, cfg.holdout.seed):
-                row = table.slice(i, 1)
-                break
-        if row is not None:
-            break
-    if row is None:
+    keys = held_out_keys(fs, paths, cfg.holdout.fraction, cfg.holdout.seed)  # in file order: the first one
+    if not keys:
         return None
+    row = pq.read_table(paths, filesystem=fs, columns=["latent"], filters=[("key", "==", keys[0])])
     latent = torch.from_numpy(row.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32))
     model = InfGen.from_pretrained(result.stages["train"].model_dir)
     images, labels = [], []
@@ -94,9 +87,8 @@ def summary(cfg: Any, result: PipelineResult, output: Path, figure: Path | None,
 
     print(f"\n{log_prefix} done in {seconds / 60:.1f} min. Outputs under {output}:")
     for stage, out in result.stages.items():
-        where = getattr(out, "model_dir", None) or out.output
         run = "complete already: reused" if getattr(out, "skipped", False) else f"MLflow run {result.run_ids.get(stage)}"
-        print(f"  {stage:<9} {where}   ({result.seconds[stage]:.0f} s, {run})")
+        print(f"  {stage:<9} {out.output}   ({result.seconds[stage]:.0f} s, {run})")
     if figure:
         print(f"  figure    {figure}")
     print(f"\nMLflow: experiment {cfg.mlflow.experiment!r}, parent run {result.run_ids.get('pipeline')} "

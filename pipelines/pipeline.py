@@ -99,7 +99,7 @@ def run_pipeline(config: Any, input_uri: Optional[str] = None) -> PipelineResult
                 result.stages[stage], result.run_ids[stage] = out, out.run_id
                 result.seconds[stage] = time.time() - start
                 parent.log_metrics({f"{stage}_seconds": result.seconds[stage]})
-                parent.set_tags({f"infgen.{stage}.output": getattr(out, "output", None) or getattr(out, "model_dir"),
+                parent.set_tags({f"infgen.{stage}.output": out.output,
                                  f"infgen.{stage}.run_id": out.run_id})
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)

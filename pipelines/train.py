@@ -46,6 +46,11 @@ class TrainResult:
     metrics: dict
     run_id: Optional[str]
 
+    @property
+    def output(self) -> str:
+        """What the next stage reads, named as in StageResult."""
+        return self.model_dir
+
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
