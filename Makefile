@@ -7,9 +7,12 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench quality clean
 
+# the venv, then the wallpaper photos (apt-get download + dpkg-deb -x, ~100 MB) and the offline VAEs fitted
+# on them, cached under ~/.cache/infgen (INFGEN_CACHE): each is a no-op once done
 setup: $(STAMP)
+	$(BIN)/infgen setup
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +28,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.json
+
+quality: setup
+	$(BIN)/python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.png
 
 clean:
 	rm -rf $(VENV) outputs

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
-from infgen.vae import materialise_tiny_vae  # noqa: E402
+from infgen.vae import materialise_offline_vae  # noqa: E402
 from pipelines.encode import (EncodeConfig, EncodeUDF, ShardWriter, output_schema, prepare_batch,  # noqa: E402
                               run_encode)
 from pipelines.sample_data import LARGE_PHOTOS, write_photos  # noqa: E402
@@ -60,7 +60,7 @@ def bare_loop(cfg: EncodeConfig, shards: list[Path], out: Path) -> int:
     """The same work in one process, no Ray: returns the number of images read."""
     import torch
 
-    udf = EncodeUDF(str(materialise_tiny_vae()), None, cfg.input_size, 0, cfg.precision,
+    udf = EncodeUDF(str(materialise_offline_vae("tiny")), None, cfg.input_size, 0, cfg.precision,
                     threads=torch.get_num_threads())
     shape = (4, cfg.input_size // 8, cfg.input_size // 8)
     fs, total = pafs.LocalFileSystem(), 0
@@ -116,7 +116,7 @@ def main() -> None:
     import ray
     import torch
 
-    materialise_tiny_vae()  # fitted once, never timed
+    materialise_offline_vae("tiny")  # fitted once, never timed
     work = Path(tempfile.mkdtemp(prefix="encode_speed_"))
     shards = make_shards(work, args.images, args.per_shard)
     base = dict(input=str(work / "shards"), vae="tiny", input_size=512, min_side=512, hr_max_side=2048,

@@ -1,4 +1,5 @@
-"""`infgen` command line: decode a latent file to an image of any size; list the presets."""
+"""`infgen` command line: decode a latent file to an image of any size; list the presets; set up the offline
+photos and VAEs."""
 
 from __future__ import annotations
 
@@ -41,7 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     commands.add_parser("presets", help="list the model presets and their parameter counts")
+
+    setup = commands.add_parser("setup", help="fetch the wallpaper photos and fit the offline VAEs (once; cached)")
+    setup.add_argument("vaes", nargs="*", default=["photo", "tiny"], help="offline VAEs to fit (default: all)")
     return parser
+
+
+def run_setup(args: argparse.Namespace) -> None:
+    import logging
+
+    from .photos import SPLITS, load_photos, photos_dir
+    from .vae import materialise_offline_vae
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    photos = load_photos()
+    counts = ", ".join(f"{sum(p.split == s for p in photos)} {s}" for s in SPLITS)
+    print(f"photos: {counts} files in {photos_dir()} ({photos[0].source}, ...)")
+    for name in args.vaes:
+        print(f"VAE {name}: {materialise_offline_vae(name)}")
 
 
 def run_decode(args: argparse.Namespace) -> list[Path]:
@@ -86,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "decode":
             run_decode(args)
+        elif args.command == "setup":
+            run_setup(args)
         else:
             run_presets()
     except ValueError as e:

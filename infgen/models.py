@@ -54,6 +54,12 @@ class InfGenConfig:
     fourier_seed: int = 0
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32)  # one level per ×2; 4 levels = ×8
     decoder_blocks: int = 2  # residual blocks per level
+    # mask tokens start from the latent context bilinearly interpolated at their position (else: the mask
+    # token alone), so the cross-attention refines what the latent says there instead of finding it
+    context_queries: bool = True
+    # a linear RGB head per mask token, upsampled bilinearly ×scale and added to the upsampler's output: the
+    # low frequencies come straight from the tokens, the upsampler adds detail on top
+    rgb_base: bool = True
     max_size: int = 8192  # largest output side in one pass (iterative upsampling goes beyond)
     grad_checkpointing: bool = False
 
@@ -77,6 +83,9 @@ INFGEN_PRESETS: dict[str, dict] = {
     # trains on a CPU in minutes: tests and the demo
     "tiny": dict(width=64, num_heads=2, latent_depth=1, query_depth=2, fourier_features=32,
                  decoder_channels=(64, 48, 32, 16), decoder_blocks=1),
+    # the CPU quality benchmark (benchmarks/quality.py): learns in tens of minutes on 2 cores
+    "small": dict(width=128, num_heads=4, latent_depth=2, query_depth=2, fourier_features=64,
+                  decoder_channels=(128, 64, 32, 16), decoder_blocks=1),
     "base": dict(width=384, num_heads=6, latent_depth=4, query_depth=4,
                  decoder_channels=(384, 256, 128, 64), decoder_blocks=2),
     # paper scale (the paper's exact sizes are unpublished): as wide as the SD VAE decoder at 64², then
@@ -159,6 +168,21 @@ def _axis_windows(pos: torch.Tensor, n_keys: int, radius: float, block: int):
     keys = start[:, None] + torch.arange(window)
     within = (keys[:, None, :] - pos[:, :, None]).abs() <= radius
     return keys, within, pad
+
+
+def interpolate_context(context: torch.Tensor, pos_y: torch.Tensor, pos_x: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of context (B, h, w, D) at rows pos_y × columns pos_x (latent token i sits at i;
+    positions outside [0, h-1] take the edge token): (B, len(pos_y), len(pos_x), D). Each output reads only
+    the 2×2 tokens around it, so it is as local as the attention."""
+    def axis(pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = pos.clamp(0, n - 1)
+        lo = pos.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        return lo.to(context.device), hi.to(context.device), (pos - lo).to(context.device, context.dtype)
+
+    (y0, y1, wy), (x0, x1, wx) = axis(pos_y, context.shape[1]), axis(pos_x, context.shape[2])
+    rows = torch.lerp(context[:, y0], context[:, y1], wy[None, :, None, None])
+    return torch.lerp(rows[:, :, x0], rows[:, :, x1], wx[None, None, :, None])
 
 
 class LocalAttention(nn.Module):
@@ -329,8 +353,12 @@ class InfGen(nn.Module):
             for _ in range(c.query_depth))
         self.query_norm = nn.LayerNorm(c.width)
         self.upsampler = Upsampler(c.width, c.decoder_channels, c.decoder_blocks)
+        self.rgb_head = nn.Linear(c.width, 3) if c.rgb_base else None
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+        if c.rgb_base:  # start as the smooth base image; the upsampler's detail grows from zero
+            nn.init.zeros_(self.upsampler.conv_out.weight)
+            nn.init.zeros_(self.upsampler.conv_out.bias)
 
     # ---- construction and persistence ----------------------------------------------------------------
 
@@ -384,12 +412,30 @@ class InfGen(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, latents: torch.Tensor, size: Size) -> torch.Tensor:
-        """Training forward: scaled latents (B, C, h, w) → unclamped images (B, 3, H, W)."""
+    def forward(self, latents: torch.Tensor, size: Size, region: Optional[tuple[int, int, int, int]] = None,
+                halo: int = 0) -> torch.Tensor:
+        """Training forward: scaled latents (B, C, h, w) → unclamped images (B, 3, H, W) for size (H, W).
+
+        region: (top, left, height, width) in output pixels, multiples of `scale`: decode only that window of
+        the H×W output, (B, 3, height, width) (clipped at the image's edge). halo: mask tokens of context
+        decoded around the window and cut away; with `upsampler.halo` the window equals the same pixels of
+        the full decode, with fewer its outer pixels see the window's edge. Training on windows makes a step
+        cost the window's pixels, not the image's.
+        """
         H, W = self.check_inputs(latents, size)
-        gy, gx = -(-H // self.config.scale), -(-W // self.config.scale)
+        s = self.config.scale
+        gy, gx = -(-H // s), -(-W // s)
         context = self.encode_latents(latents)
-        return self._decode_region(context, (H, W), 0, gy, 0, gx)[..., :H, :W]
+        if region is None:
+            return self._decode_region(context, (H, W), 0, gy, 0, gx)[..., :H, :W]
+        top, left, height, width = region
+        if any(v % s for v in region) or height <= 0 or width <= 0 or top >= H or left >= W:
+            raise ValueError(f"region {region} must be (top, left, height, width) in multiples of {s} "
+                             f"pixels inside the {H}×{W} output")
+        y0, x0 = top // s, left // s
+        window = self._decode_window(context, (H, W), y0, min(y0 + height // s, gy), x0,
+                                     min(x0 + width // s, gx), halo)
+        return window[..., :H - top, :W - left]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: Size, tile: Optional[int] = None,
@@ -411,15 +457,13 @@ class InfGen(nn.Module):
             return self._decode_region(context, (H, W), 0, gy, 0, gx)[..., :H, :W].clamp(-1, 1)
         if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0 or tile % s:
             raise ValueError(f"tile must be a positive multiple of {s} pixels, got {tile!r}")
-        t, halo = tile // s, self.upsampler.halo
+        t = tile // s
         out = torch.empty(latents.shape[0], 3, gy * s, gx * s, device=latents.device, dtype=context.dtype)
         for y0 in range(0, gy, t):
             for x0 in range(0, gx, t):
                 y1, x1 = min(y0 + t, gy), min(x0 + t, gx)
-                ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
-                region = self._decode_region(context, (H, W), ya, min(y1 + halo, gy), xa, min(x1 + halo, gx))
-                oy, ox = (y0 - ya) * s, (x0 - xa) * s
-                out[..., y0 * s:y1 * s, x0 * s:x1 * s] = region[..., oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
+                out[..., y0 * s:y1 * s, x0 * s:x1 * s] = self._decode_window(
+                    context, (H, W), y0, y1, x0, x1, self.upsampler.halo)
         return out[..., :H, :W].clamp(-1, 1)
 
     def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -432,17 +476,34 @@ class InfGen(nn.Module):
             x = self._run(block, x)
         return self.latent_norm(x)
 
+    def _decode_window(self, context: torch.Tensor, size: tuple[int, int], y0: int, y1: int, x0: int, x1: int,
+                       halo: int) -> torch.Tensor:
+        """Pixels of mask-token rows [y0, y1) × columns [x0, x1), decoded with `halo` tokens of context around
+        them (clipped at the grid's edge) that are then cut away."""
+        s, gy, gx = self.config.scale, -(-size[0] // self.config.scale), -(-size[1] // self.config.scale)
+        ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
+        region = self._decode_region(context, size, ya, min(y1 + halo, gy), xa, min(x1 + halo, gx))
+        oy, ox = (y0 - ya) * s, (x0 - xa) * s
+        return region[..., oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
+
     def _decode_region(self, context: torch.Tensor, size: tuple[int, int],
                        y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         """Pixels of mask tokens rows [y0, y1) × columns [x0, x1) of the output grid for `size`."""
         (H, W), (h, w), s = size, context.shape[1:3], self.config.scale
         v, u = token_centres(-(-H // s), s, H)[y0:y1], token_centres(-(-W // s), s, W)[x0:x1]
+        pos_y, pos_x = v * h - 0.5, u * w - 0.5  # in latent tokens: latent token i sits at i
         q = self.mask_token + self.pos_embed.grid(v, u).to(context.dtype)
         q = q.expand(context.shape[0], *q.shape)
-        pos_y, pos_x = v * h - 0.5, u * w - 0.5  # in latent tokens: latent token i sits at i
+        if self.config.context_queries:
+            q = q + interpolate_context(context, pos_y, pos_x)
         for block in self.query_blocks:
             q = self._run(block, q, pos_y, pos_x, context)
-        return self.upsampler(self.query_norm(q).permute(0, 3, 1, 2))
+        features = self.query_norm(q).permute(0, 3, 1, 2)
+        pixels = self.upsampler(features)
+        if self.rgb_head is not None:
+            base = self.rgb_head(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            pixels = pixels + F.interpolate(base, scale_factor=float(s), mode="bilinear", align_corners=False)
+        return pixels
 
     def _run(self, block: nn.Module, *args):
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():

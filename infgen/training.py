@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -58,12 +58,23 @@ class InfGenTrainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, schedule)
         self.step = 0
 
-    def train_step(self, latents: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """Generator step, discriminator step (after its start), EMA update. Targets set the output size."""
+    def train_step(self, latents: torch.Tensor, targets: torch.Tensor, size: Optional[tuple[int, int]] = None,
+                   region: Optional[tuple[int, int, int, int]] = None, halo: int = 0) -> dict[str, float]:
+        """Generator step, discriminator step (after its start), EMA update.
+
+        latents (B, C, h, w); targets (B, 3, H', W') in [-1, 1]: the whole output (size None: the targets'
+        size), or, with `region` = (top, left, height, width) of an output of `size`, that window's pixels
+        (see InfGen.forward for `halo`).
+        """
         c, device = self.config, latents.device
         self.model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.bf16 and device.type == "cuda"):
-            images = self.model(latents, tuple(targets.shape[-2:]))
+            if region is None:
+                images = self.model(latents, size or tuple(targets.shape[-2:]))
+            else:
+                images = self.model(latents, size, region=region, halo=halo)
+        if images.shape != targets.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} do not match the decoded {tuple(images.shape)}")
         last_layer = unwrap(self.model).upsampler.conv_out.weight
         g_loss, log = self.loss.generator_loss(images, targets, self.step, last_layer)
         self.opt_g.zero_grad(set_to_none=True)

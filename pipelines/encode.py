@@ -440,18 +440,18 @@ def remove_partial_files(fs: pafs.FileSystem, directory: str) -> int:
 
 
 def resolve_vae(cfg: EncodeConfig) -> tuple[str, tuple[int, int, int], float]:
-    """(local source, latent shape, scaling factor), read from the VAE's config without its weights. 'tiny' is
+    """(local source, latent shape, scaling factor), read from the VAE's config without its weights. An offline VAE is
     fitted here, once, before any actor starts: the actors (on this machine) then find it cached."""
     from diffusers import AutoencoderKL
 
-    from infgen.vae import TINY_VAE, materialise_tiny_vae
+    from infgen.vae import OFFLINE_VAES, materialise_offline_vae
 
-    source = str(materialise_tiny_vae()) if cfg.vae == TINY_VAE else cfg.vae
+    source = str(materialise_offline_vae(cfg.vae)) if cfg.vae in OFFLINE_VAES else cfg.vae
     try:
         config = AutoencoderKL.load_config(source, subfolder=cfg.vae_subfolder)
     except (OSError, ValueError) as e:
         raise ValueError(f"encode config: vae={cfg.vae!r} could not be loaded ({e}). Offline, pass a local "
-                         f"diffusers directory or 'tiny'.") from None
+                         f"diffusers directory or an offline VAE ({', '.join(sorted(OFFLINE_VAES))}).") from None
     scale = 2 ** (len(config["block_out_channels"]) - 1)
     if cfg.input_size % scale:
         raise ValueError(f"encode config: input_size={cfg.input_size} is not a multiple of the VAE's {scale}× scale")

@@ -61,6 +61,20 @@ def target_size_for_step(train: Mapping[str, Any], step: int) -> tuple[int, int]
     return random_target_size(rng, tuple(train["sizes"]), train["multiple"], tuple(train["aspect_range"]))
 
 
+def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
+                    scale: int) -> Optional[tuple[int, int, int, int]]:
+    """The output window this step trains on, (top, left, height, width) in pixels (multiples of `scale`), or
+    None for the whole output: `train.window` px per side at a seeded position, the same on every rank."""
+    side = train.get("window")
+    if not side or side >= max(size):
+        return None
+    rng = random.Random((train["seed"] * 1_000_003 + step) * 31 + 7)
+    height, width = min(side, size[0]) // scale * scale, min(side, size[1]) // scale * scale
+    top = rng.randint(0, (size[0] - height) // scale) * scale
+    left = rng.randint(0, (size[1] - width) // scale) * scale
+    return top, left, height, width
+
+
 def decode_targets(hr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (antialiased) to `size`."""
     images = [to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in hr]
@@ -178,7 +192,12 @@ def train_loop(cfg: dict) -> None:
                 break
             size = target_size_for_step(train, trainer.step)
             latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32)).to(device)
-            step_log = trainer.train_step(latents, decode_targets(batch["hr"], size).to(device))
+            targets = decode_targets(batch["hr"], size).to(device)
+            region = window_for_step(train, trainer.step, size, unwrap(trainer.model).config.scale)
+            if region is not None:
+                top, left, height, width = region
+                targets = targets[..., top:top + height, left:left + width]
+            step_log = trainer.train_step(latents, targets, size=size, region=region, halo=train["window_halo"])
             step = trainer.step
             if train.get("fail_at_step") == step and rank == world - 1:
                 fail_once(cfg, step)
@@ -279,7 +298,7 @@ class SampleGrid:
 SECTIONS = {  # every key a training config may have; anything else is a typo that would be silently ignored
     "train": {"steps", "batch_size", "sizes", "multiple", "aspect_range", "num_workers", "use_gpu", "cpus_per_worker",
               "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
-              "sample_every", "shuffle_buffer", "seed", "fail_at_step"},
+              "sample_every", "shuffle_buffer", "seed", "fail_at_step", "window", "window_halo"},
     "samples": {"count", "sizes"},
     "holdout": {"fraction", "seed"},
     "mlflow": {"tracking_uri", "experiment", "registered_model_name"},

@@ -103,10 +103,42 @@ def test_tiled_equals_untiled(config):
         assert torch.allclose(model.decode(z, (333, 517), tile=tile), full, atol=1e-4), tile
 
 
+def test_window_with_full_halo_equals_the_full_decode():
+    model = InfGen.from_preset("tiny").eval()
+    z = torch.randn(2, 4, 12, 20)
+    with torch.no_grad():
+        full = model(z, (200, 328))
+        window = model(z, (200, 328), region=(64, 96, 80, 128), halo=model.upsampler.halo)
+        edge = model(z, (200, 328), region=(160, 296, 64, 64), halo=model.upsampler.halo)  # clipped at the edge
+        no_halo = model(z, (200, 328), region=(64, 96, 80, 128))
+    assert window.shape == (2, 3, 80, 128) and edge.shape == (2, 3, 40, 32)
+    assert torch.allclose(window, full[..., 64:144, 96:224], atol=1e-5)
+    assert torch.allclose(edge, full[..., 160:, 296:], atol=1e-5)
+    # without a halo only the window's centre is exact: its rim sees the window's edge
+    assert not torch.allclose(no_halo, full[..., 64:144, 96:224], atol=1e-5)
+    with pytest.raises(ValueError, match="region"):
+        model(z, (200, 328), region=(4, 0, 64, 64))
+
+
+def test_context_queries_start_from_the_interpolated_latent():
+    from infgen.models import interpolate_context
+
+    context = torch.arange(12.0).view(1, 3, 4, 1)  # value = 4·row + column
+    out = interpolate_context(context, torch.tensor([0.0, 0.5, 2.0, 2.5]), torch.tensor([-0.5, 1.25, 3.0]))
+    expected = torch.tensor([[0.0, 1.25, 3.0], [2.0, 3.25, 5.0], [8.0, 9.25, 11.0], [8.0, 9.25, 11.0]])
+    assert torch.allclose(out[0, ..., 0], expected)
+
+
 def test_gradients_reach_every_trainable_parameter():
     model = InfGen.from_preset("tiny", grad_checkpointing=True).train()
-    out = model(torch.randn(2, 4, 12, 16), (72, 104))
-    (out.square().mean() + out.mean()).backward()
+    z = torch.randn(2, 4, 12, 16)
+    # the upsampler's output layer starts at zero (the RGB base alone): one step opens the path behind it
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = model(z, (72, 104))
+        (out.square().mean() + out.mean()).backward()
+        optimizer.step()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
 

@@ -70,7 +70,8 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
 
 
 def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
-    cfg = config(encoded, tmp_path / "train", f"sqlite:///{tmp_path}/mlflow.db", steps=24)
+    # on 64-px windows of the 64..128-px outputs: the resumed run must draw the same windows
+    cfg = config(encoded, tmp_path / "train", f"sqlite:///{tmp_path}/mlflow.db", steps=24, window=64)
     OmegaConf.save(cfg, tmp_path / "train.yaml")
     command = [sys.executable, "-m", "jobs.train", "--config", str(tmp_path / "train.yaml")]
     env = {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
@@ -90,6 +91,20 @@ def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
     assert "[train] resumed from step" in done.stdout + done.stderr
     last = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     assert torch.load(last / STATE_FILE, weights_only=False)["trainer"]["step"] == 24
+
+
+def test_training_windows_are_seeded_per_step_and_inside_the_output():
+    from pipelines.train import window_for_step
+
+    train = {"window": 64, "seed": 3}
+    assert window_for_step(train, 5, (128, 192), 8) == window_for_step(train, 5, (128, 192), 8)
+    windows = {window_for_step(train, step, (128, 192), 8) for step in range(50)}
+    assert len(windows) > 10
+    for top, left, height, width in windows:
+        assert (height, width) == (64, 64) and top % 8 == left % 8 == 0
+        assert top + height <= 128 and left + width <= 192
+    assert window_for_step({"window": None, "seed": 0}, 1, (128, 128), 8) is None
+    assert window_for_step(train, 1, (64, 64), 8) is None  # the window covers the output: train on all of it
 
 
 def test_stage2_starts_from_stage1(tmp_path):

@@ -78,3 +78,38 @@ def test_random_target_sizes_stay_in_range():
         h, w = random_target_size(rng, (512, 1024), multiple=64, aspect_range=(0.5, 2.0))
         assert 512 <= max(h, w) <= 1024 and h % 64 == 0 and w % 64 == 0
         assert 0.45 <= w / h <= 2.2
+
+
+def test_window_training_learns_the_whole_image(photo_latents):
+    """Steps on 64-px windows of 192² outputs (a ninth of the pixels each) still teach the whole image."""
+    latents, hr = photo_latents
+    held_out = torch.arange(len(latents)) % 8 == 0
+    train_lat, train_hr = latents[~held_out], hr[~held_out]
+    trainer = make_trainer()
+    size = (192, 192)
+    before = mean_psnr(trainer.model, latents[held_out], hr[held_out], size)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        idx = torch.randint(0, len(train_lat), (6,), generator=g)
+        top, left = (int(v) * 8 for v in torch.randint(0, 17, (2,), generator=g))
+        target = targets_at(train_hr[idx], size)[..., top:top + 64, left:left + 64]
+        trainer.train_step(train_lat[idx], target, size=size, region=(top, left, 64, 64), halo=2)
+    assert mean_psnr(trainer.model, latents[held_out], hr[held_out], size) > before + 4.0
+    with pytest.raises(ValueError, match="do not match"):
+        trainer.train_step(train_lat[:2], targets_at(train_hr[:2], size), size=size, region=(0, 0, 64, 64))
+
+
+def test_random_regions_cover_every_scale():
+    from infgen.data import random_region
+
+    rng = random.Random(0)
+    sides = []
+    for _ in range(2000):
+        left, top, right, bottom = random_region(3000, 2000, rng, min_side=100)
+        assert right - left == bottom - top and 0 <= left < right <= 3000 and 0 <= top < bottom <= 2000
+        sides.append(right - left)
+    assert min(sides) < 120 and max(sides) > 1800
+    # log-uniform: as many regions between 100 and 447 px as between 447 and 2000 (√(100·2000) ≈ 447)
+    assert 0.4 < sum(s < 447 for s in sides) / len(sides) < 0.6
+    with pytest.raises(ValueError, match="too small"):
+        random_region(90, 400, rng, min_side=100)

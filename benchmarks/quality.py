@@ -1,0 +1,327 @@
+"""The CPU quality proxy (issue 10): does infgen beat "VAE decode + upscaling" on photos it never saw?
+
+Data (conf/photos.yaml, split BY FILE):
+    a region of a photo, square, side log-uniform between 8×native (training: 4×) and the photo's short
+    side, seeded;
+    native crop = the region resized (Lanczos) to `native` px → the VAE encodes it (posterior mode) → latent;
+    targets = the same region resized to 1×, 2×, 4× and 8× native: real pixels at every scale (the region
+    is at least 8×native), never upsampled.
+    Training regions come from the training photos, held-out regions from the held-out photos.
+Training: infgen from scratch for `--steps` steps on output windows (InfGen.forward's `region`) of outputs
+    whose side is drawn from 1×..`--train-scale`× native, L1 loss (the GAN and LPIPS terms need a pretrained
+    backbone and far more steps; see the README).
+Evaluation on every held-out crop at every scale: infgen (one pass), infgen iterative (2× steps with VAE
+    re-encoding; at 4× and 8×), VAE decode + bicubic, VAE decode + Lanczos, and bicubic from the TRUE native
+    crop (what a perfect VAE would allow: the ceiling of the "decode then upscale" family). PSNR, SSIM,
+    MS-SSIM (outputs ≥ 256 px; torchmetrics' 5 scales need more than 160 px), LPIPS when its pretrained
+    backbone loads.
+Writes the JSON (figures, steps, wall time, threads, photos used) and a side-by-side figure of held-out
+crops at 4×: truth | VAE + bicubic | infgen.
+
+    python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from infgen.data import random_region, region_at  # noqa: E402
+from infgen.images import resize  # noqa: E402
+from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
+from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
+from infgen.models import InfGen  # noqa: E402
+from infgen.photos import load_photos, open_rgb  # noqa: E402
+from infgen.training import InfGenTrainer, OptimConfig  # noqa: E402
+from infgen.upsample import iterative_decode  # noqa: E402
+from infgen.vae import load_vae  # noqa: E402
+
+SCALES = (1, 2, 4, 8)
+DECODERS = ("infgen", "infgen_iterative", "vae_bicubic", "vae_lanczos", "true_bicubic")
+
+
+def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple[torch.Tensor, dict, list]:
+    """Native crops (N, 3, n, n) and targets {scale: (N, 3, n·s, n·s) uint8} of seeded regions of at least
+    max(scales)×native px, so every target holds real pixels (a photo too small for that is skipped)."""
+    rng = random.Random(seed)
+    natives, targets, where = [], {s: [] for s in scales}, []
+    for photo in photos:
+        image = open_rgb(photo.path)
+        if min(image.size) < max(scales) * native:
+            print(f"  skipped {photo.name} ({image.size[0]}x{image.size[1]}): under {max(scales) * native} px")
+            continue
+        for _ in range(count_per_photo):
+            box = random_region(*image.size, rng, min_side=max(scales) * native)
+            natives.append(region_at(image, box, native))
+            for s in scales:
+                targets[s].append(to_uint8(region_at(image, box, native * s)))
+            where.append({"photo": photo.name, "box": list(box)})
+    return torch.stack(natives), {s: torch.stack(t) for s, t in targets.items()}, where
+
+
+def vae_report(vae, name: str, photos, native: int, seed: int) -> dict:
+    """The VAE alone at native size on held-out crops at EVERY scale (regions from native px to the whole short
+    side, unlike the ≥8× regions above), and its fit record when it is an offline VAE."""
+    from infgen.vae import OFFLINE_VAES, materialise_offline_vae
+
+    rng = random.Random(seed)
+    images = []
+    for photo in photos:
+        image = open_rgb(photo.path)
+        images += [region_at(image, random_region(*image.size, rng, min_side=native), native) for _ in range(4)]
+    x = torch.stack(images)
+    recon = torch.cat([vae.decode(vae.encode(x[i:i + 16])) for i in range(0, len(x), 16)])
+    report = {"any_scale_crops": len(x), "any_scale_psnr": psnr(recon, x).mean().item(),
+              "any_scale_ssim": ssim(recon, x).mean().item()}
+    if name in OFFLINE_VAES:
+        fit = materialise_offline_vae(name) / "fit.json"
+        report["fit"] = json.loads(fit.read_text()) if fit.is_file() else None
+    return report
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float() / 127.5 - 1
+
+
+def encode(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def train(model: InfGen, latents: torch.Tensor, targets: torch.Tensor, args, log_every: int = 100) -> dict:
+    """`args.steps` steps on output windows; the output side is drawn from native..train_scale×native."""
+    native, s = args.native, model.config.scale
+    loss = InfGenLoss(LossConfig(lpips_weight=0.0, adv_weight=0.0))
+    optim = OptimConfig(lr=args.lr, warmup_steps=min(200, args.steps // 10), total_steps=args.steps,
+                        min_lr_ratio=0.02, ema_decay=args.ema, weight_decay=0.0)
+    trainer = InfGenTrainer(model, loss, optim)
+    rng = random.Random(args.seed)
+    start, history = time.time(), []
+    for step in range(args.steps):
+        idx = torch.tensor(rng.sample(range(len(latents)), args.batch_size))
+        side = rng.randint(native // s, args.train_scale * native // s) * s
+        window = min(side, args.window)
+        top, left = (rng.randint(0, (side - window) // s) * s for _ in range(2))
+        # resize the whole crop to this step's size, then cut the window: the target is the true image
+        # at this scale, as the full decode would be compared with
+        full = resize(to_float(targets[idx]), (side, side))
+        log = trainer.train_step(latents[idx], full[..., top:top + window, left:left + window],
+                                 size=(side, side), region=(top, left, window, window), halo=args.halo)
+        history.append(log["l1"])
+        if (step + 1) % log_every == 0:
+            print(f"  step {step + 1}/{args.steps}  l1 {np.mean(history[-log_every:]):.4f}  "
+                  f"{(time.time() - start) / (step + 1):.2f} s/step", flush=True)
+    return {"seconds": time.time() - start, "final_l1": float(np.mean(history[-log_every:])),
+            "ema": trainer.ema}
+
+
+@torch.no_grad()
+def decode_all(name: str, model: InfGen, vae, latents: torch.Tensor, natives: torch.Tensor, scale: int,
+               native: int, vae_decoded: torch.Tensor) -> torch.Tensor | None:
+    size = (native * scale, native * scale)
+    out = []
+    for i in range(len(latents)):
+        z = latents[i:i + 1]
+        if name == "infgen":
+            out.append(model.decode(z, size, tile=512 if size[0] > 1024 else None))
+        elif name == "infgen_iterative":
+            if scale < 4:  # at 1× and 2× it is one pass: the same computation as infgen
+                return None
+            out.append(iterative_decode(model, vae, z, size, tile=512 if size[0] > 1024 else None))
+        elif name == "vae_bicubic":
+            out.append(resize(vae_decoded[i:i + 1], size, "bicubic"))
+        elif name == "vae_lanczos":
+            out.append(lanczos(vae_decoded[i:i + 1], size))
+        elif name == "true_bicubic":
+            if scale == 1:  # the truth itself
+                return None
+            out.append(resize(natives[i:i + 1], size, "bicubic"))
+    return torch.cat(out)
+
+
+def lanczos(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image
+
+    from infgen.images import to_pil, to_tensor
+
+    return torch.stack([to_tensor(to_pil(im).resize(size[::-1], Image.LANCZOS)) for im in images])
+
+
+def metrics(images: torch.Tensor, truth: torch.Tensor, lpips_model, chunk: int = 8) -> dict:
+    """Means over images, computed `chunk` images at a time: SSIM's filtered maps of 48 images at 1024² take
+    more than 20 GB at once."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+    rows = {"psnr": [], "ssim": [], "ms_ssim": [], "lpips": []}
+    for i in range(0, len(images), chunk):
+        x, y = images[i:i + chunk].float(), truth[i:i + chunk].float()
+        rows["psnr"].append(psnr(x, y))
+        rows["ssim"].append(ssim(x, y))
+        if min(x.shape[-2:]) >= 256:  # 5 scales of an 11-px window need more than 160 px
+            rows["ms_ssim"].append(ms_ssim(x, y, data_range=2.0, reduction="none"))
+        if lpips_model is not None:
+            with torch.no_grad():
+                rows["lpips"].append(lpips_model(x, y).flatten())
+    return {k: torch.cat(v).mean().item() if v else None for k, v in rows.items()}
+
+
+def figure(path: Path, rows: list[list[torch.Tensor]], labels: list[str], credits: list[str]) -> None:
+    from PIL import ImageDraw
+
+    from infgen.visualize import image_grid
+
+    grid = image_grid(rows, labels, cell=rows[0][0].shape[-1])
+    canvas = grid.crop((0, 0, grid.width, grid.height + 14 * len(credits) + 4))
+    canvas.paste((255, 255, 255), (0, grid.height, grid.width, canvas.height))
+    draw = ImageDraw.Draw(canvas)
+    for i, credit in enumerate(credits):
+        draw.text((4, grid.height + 2 + 14 * i), credit, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", default="photo", help="the VAE whose latent space is decoded (default: photo)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--model", nargs="*", default=[], help="config overrides KEY=VALUE (ints/floats/bools)")
+    parser.add_argument("--native", type=int, default=128, help="native crop side (latent = native/8)")
+    parser.add_argument("--train-crops", type=int, default=60, help="training crops per training photo")
+    parser.add_argument("--holdout-crops", type=int, default=4, help="held-out crops per held-out photo")
+    parser.add_argument("--train-scale", type=int, default=4, help="largest training output, × native")
+    parser.add_argument("--scales", default="1,2,4,8", help="evaluated output scales, × native")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=128, help="training window side, px")
+    parser.add_argument("--halo", type=int, default=2, help="mask tokens decoded around the window")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality.json")
+    parser.add_argument("--figure", type=Path, default=None, help="side-by-side PNG of held-out crops at 4×")
+    parser.add_argument("--save-model", type=Path, default=None, help="write the trained EMA model and its "
+                        "training record (training.json) here")
+    parser.add_argument("--load-model", type=Path, default=None, help="evaluate a model saved by --save-model "
+                        "instead of training one (its training.json goes into the report)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+
+    vae = load_vae(args.vae)
+    train_photos, holdout_photos = load_photos("train"), load_photos("holdout")
+    print(f"VAE {args.vae}; {len(train_photos)} training and {len(holdout_photos)} held-out files", flush=True)
+    if not args.load_model:
+        natives_tr, targets_tr, _ = crops(train_photos, args.train_crops, args.native, (args.train_scale,), args.seed)
+        latents_tr = encode(vae, natives_tr)
+    scales = tuple(int(v) for v in args.scales.split(","))
+    natives, targets, where = crops(holdout_photos, args.holdout_crops, args.native, SCALES, args.seed + 1)
+    latents = encode(vae, natives)
+    vae_facts = vae_report(vae, args.vae, holdout_photos, args.native, args.seed + 2)
+    print(f"VAE at native size on held-out crops of any scale: PSNR {vae_facts['any_scale_psnr']:.2f} dB, "
+          f"SSIM {vae_facts['any_scale_ssim']:.3f}", flush=True)
+    data_seconds = time.time() - t0
+    print(f"{len(latents)} held-out crops ({data_seconds:.0f} s)", flush=True)
+
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.model)}
+    model = InfGen.from_preset(args.preset, scaling_factor=vae.scaling_factor, **overrides)
+    training = {"steps": args.steps, "batch_size": args.batch_size, "window": args.window, "halo": args.halo,
+                "train_scales": [1, args.train_scale], "lr": args.lr, "ema": args.ema, "loss": "L1"}
+    if args.load_model:
+        ema = InfGen.from_pretrained(args.load_model).eval()
+        training = json.loads((args.load_model / "training.json").read_text())
+        print(f"evaluating {args.load_model} (trained: {training})", flush=True)
+    else:
+        print(f"infgen {args.preset} {overrides or ''}: {model.num_params() / 1e6:.2f}M parameters; "
+              f"{args.steps} steps, batch {args.batch_size}, {args.window}-px windows", flush=True)
+        trained = train(model, latents_tr, targets_tr[args.train_scale], args)
+        ema = trained.pop("ema").eval()
+        training.update(seconds=round(trained["seconds"], 1), final_l1=trained["final_l1"], train_crops=len(latents_tr))
+        if args.save_model:
+            ema.save_pretrained(args.save_model)
+            (args.save_model / "training.json").write_text(json.dumps(training, indent=2))
+
+    try:
+        lpips_model, lpips_note = load_lpips(), "AlexNet LPIPS (pretrained backbone)"
+    except LPIPSUnavailable as e:
+        lpips_model, lpips_note = None, f"not reported: {e}"
+    vae_decoded = torch.cat([vae.decode(latents[i:i + 16]) for i in range(0, len(latents), 16)])
+    results, decoded_4x = {}, {}
+    eval_start = time.time()
+    for scale in scales:
+        truth = to_float(targets[scale])
+        results[f"{scale}x"] = {}
+        for name in DECODERS:
+            t = time.time()
+            images = decode_all(name, ema, vae, latents, natives, scale, args.native, vae_decoded)
+            if images is None:
+                continue
+            row = metrics(images, truth, lpips_model)
+            row["seconds_per_image"] = (time.time() - t) / len(images)
+            results[f"{scale}x"][name] = row
+            if scale == 4:
+                decoded_4x[name] = images
+            print(f"  {scale}x {name:<17} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  "
+                  f"MS-SSIM {row['ms_ssim'] if row['ms_ssim'] is None else round(row['ms_ssim'], 4)}", flush=True)
+    margins = {k: {"psnr_vs_vae_bicubic_db": round(v["infgen"]["psnr"] - v["vae_bicubic"]["psnr"], 3),
+                   "ssim_vs_vae_bicubic": round(v["infgen"]["ssim"] - v["vae_bicubic"]["ssim"], 4)}
+               for k, v in results.items()}
+    report = {
+        "what": "held-out reconstruction at 1x-8x of a fixed native size: infgen vs VAE decode + upscaling",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                    "torch": torch.__version__},
+        "vae": {"name": args.vae, "scaling_factor": vae.scaling_factor, "param_count": sum(p.numel() for p in vae.parameters()),
+                "native_psnr": results["1x"]["vae_bicubic"]["psnr"], "native_ssim": results["1x"]["vae_bicubic"]["ssim"],
+                **vae_facts},
+        "data": {"native": args.native, "latent": [4, args.native // 8, args.native // 8], "scales": list(scales),
+                 "region": "square, side log-uniform in [8·native, short side], seeded",
+                 "train_photos": [p.name for p in train_photos], "holdout_photos": [p.name for p in holdout_photos],
+                 "train_crops": training.get("train_crops"), "holdout_crops": len(latents), "holdout_regions": where,
+                 "photo_source": sorted({p.source for p in train_photos + holdout_photos})},
+        "model": {"preset": args.preset, "overrides": overrides, "params": ema.num_params(),
+                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ema.config).items()}},
+        "training": training,
+        "lpips": lpips_note,
+        "results": results,
+        "infgen_margin": margins,
+        "seconds": {"data": round(data_seconds, 1), "train": training.get("seconds"),
+                    "evaluate": round(time.time() - eval_start, 1), "total": round(time.time() - t0, 1)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(margins, indent=2))
+    print(f"wrote {args.out} ({report['seconds']['total'] / 60:.1f} min)")
+    if args.figure and "infgen" in decoded_4x:
+        pick = range(0, len(latents), max(1, len(latents) // 4))[:4]
+        rows = [[to_float(targets[4][i]), decoded_4x["vae_bicubic"][i], decoded_4x["infgen"][i]] for i in pick]
+        credits = [f"held-out crops at 4x ({args.native}px latent input -> {4 * args.native}px); photos: "]
+        credits += [next(p.credit() for p in holdout_photos if p.name == where[i]["photo"]) for i in pick]
+        figure(args.figure, rows, ["truth", "VAE decode + bicubic", "infgen"], credits)
+        print(f"wrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
