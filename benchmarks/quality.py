@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -38,23 +37,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infgen.data import random_region, region_at  # noqa: E402
+from infgen.evaluation import DECODERS as EVAL_DECODERS, Decoders  # noqa: E402
 from infgen.images import resize  # noqa: E402
 from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402
 from infgen.photos import load_photos, open_rgb  # noqa: E402
 from infgen.training import InfGenTrainer, OptimConfig  # noqa: E402
-from infgen.upsample import iterative_decode  # noqa: E402
 from infgen.vae import load_vae  # noqa: E402
 
 SCALES = (1, 2, 4, 8)
-DECODERS = ("infgen", "infgen_iterative", "vae_bicubic", "vae_lanczos", "true_bicubic")
+DECODERS = (*EVAL_DECODERS, "true_bicubic")
 
 
 def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple[torch.Tensor, dict, list]:
@@ -136,35 +134,16 @@ def train(model: InfGen, latents: torch.Tensor, targets: torch.Tensor, args, log
 
 
 @torch.no_grad()
-def decode_all(name: str, model: InfGen, vae, latents: torch.Tensor, natives: torch.Tensor, scale: int,
-               native: int, vae_decoded: torch.Tensor) -> torch.Tensor | None:
-    size = (native * scale, native * scale)
-    out = []
-    for i in range(len(latents)):
-        z = latents[i:i + 1]
-        if name == "infgen":
-            out.append(model.decode(z, size, tile=512 if size[0] > 1024 else None))
-        elif name == "infgen_iterative":
-            if scale < 4:  # at 1× and 2× it is one pass: the same computation as infgen
-                return None
-            out.append(iterative_decode(model, vae, z, size, tile=512 if size[0] > 1024 else None))
-        elif name == "vae_bicubic":
-            out.append(resize(vae_decoded[i:i + 1], size, "bicubic"))
-        elif name == "vae_lanczos":
-            out.append(lanczos(vae_decoded[i:i + 1], size))
-        elif name == "true_bicubic":
-            if scale == 1:  # the truth itself
-                return None
-            out.append(resize(natives[i:i + 1], size, "bicubic"))
-    return torch.cat(out)
-
-
-def lanczos(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    from PIL import Image
-
-    from infgen.images import to_pil, to_tensor
-
-    return torch.stack([to_tensor(to_pil(im).resize(size[::-1], Image.LANCZOS)) for im in images])
+def decode_all(name: str, decoders: Decoders, latents: torch.Tensor, natives: torch.Tensor,
+               size: tuple[int, int]) -> torch.Tensor | None:
+    """Every held-out crop decoded by `name` at `size` (the evaluation's own decoders, one crop at a time:
+    48 outputs of 1024² at once would not fit), or None where the decoder does not apply (iterative within
+    one 2× step is the same computation as one pass; bicubic from the truth at 1× is the truth)."""
+    if name == "true_bicubic":
+        return None if size == tuple(natives.shape[-2:]) else resize(natives, size, "bicubic")
+    if not decoders.applies(name, tuple(latents.shape[2:]), size):
+        return None
+    return torch.cat([decoders.decode(name, latents, [i], size)[0] for i in range(len(latents))])
 
 
 def metrics(images: torch.Tensor, truth: torch.Tensor, lpips_model, chunk: int = 8) -> dict:
@@ -211,7 +190,6 @@ def main() -> None:
     parser.add_argument("--train-scale", type=int, default=4, help="largest training output, × native")
     parser.add_argument("--scales", default="1,2,4,8", help="evaluated output scales, × native")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=128, help="training window side, px")
     parser.add_argument("--halo", type=int, default=2, help="mask tokens decoded around the window")
@@ -267,7 +245,7 @@ def main() -> None:
         lpips_model, lpips_note = load_lpips(), "AlexNet LPIPS (pretrained backbone)"
     except LPIPSUnavailable as e:
         lpips_model, lpips_note = None, f"not reported: {e}"
-    vae_decoded = torch.cat([vae.decode(latents[i:i + 16]) for i in range(0, len(latents), 16)])
+    decoders = Decoders(EVAL_DECODERS, ema, vae, tile=512, tile_above=1024)
     results, decoded_4x = {}, {}
     eval_start = time.time()
     for scale in scales:
@@ -275,7 +253,7 @@ def main() -> None:
         results[f"{scale}x"] = {}
         for name in DECODERS:
             t = time.time()
-            images = decode_all(name, ema, vae, latents, natives, scale, args.native, vae_decoded)
+            images = decode_all(name, decoders, latents, natives, (args.native * scale, args.native * scale))
             if images is None:
                 continue
             row = metrics(images, truth, lpips_model)

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .vae import OFFLINE_VAES
+
 
 def parse_cli_size(text: str) -> tuple[int, int]:
     """'3840x2160' (WIDTHxHEIGHT, as screens are named) or '4096' (square) → (H, W)."""
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the model presets and their parameter counts")
 
     setup = commands.add_parser("setup", help="fetch the wallpaper photos and fit the offline VAEs (once; cached)")
-    setup.add_argument("vaes", nargs="*", default=["photo", "tiny"], help="offline VAEs to fit (default: all)")
+    setup.add_argument("vaes", nargs="*", default=list(OFFLINE_VAES), help="offline VAEs to fit (default: all)")
     return parser
 
 

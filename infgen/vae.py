@@ -47,7 +47,6 @@ OFFLINE_VAES: dict[str, dict] = {
                            logvar_init=-6.0),
                   seed=0),
 }
-TINY_VAE = "tiny"
 
 
 class FrozenVAE(nn.Module):
