@@ -8,8 +8,8 @@ Data (conf/photos.yaml, split BY FILE):
     is at least 8×native), never upsampled.
     Training regions come from the training photos, held-out regions from the held-out photos.
 Training: infgen from scratch for `--steps` steps on output windows (InfGen.forward's `region`) of outputs
-    whose side is drawn from 1×..`--train-scale`× native, L1 loss (the GAN and LPIPS terms need a pretrained
-    backbone and far more steps; see the README).
+    whose side is drawn from 1×..`--train-scale`× native, L1 + L2 loss (the GAN and LPIPS terms need a
+    pretrained backbone and far more steps; see the README), bf16 autocast where the CPU has native bf16.
 Evaluation on every held-out crop at every scale: infgen (one pass), infgen iterative (2× steps with VAE
     re-encoding; at 4× and 8×), VAE decode + bicubic, VAE decode + Lanczos, and bicubic from the TRUE native
     crop (what a perfect VAE would allow: the ceiling of the "decode then upscale" family). PSNR, SSIM,
@@ -48,7 +48,7 @@ from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402
 from infgen.photos import load_photos, open_rgb  # noqa: E402
-from infgen.training import InfGenTrainer, OptimConfig  # noqa: E402
+from infgen.training import InfGenTrainer, OptimConfig, autocast_bf16  # noqa: E402
 from infgen.vae import load_vae  # noqa: E402
 
 SCALES = (1, 2, 4, 8)
@@ -109,7 +109,7 @@ def encode(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
 def train(model: InfGen, latents: torch.Tensor, targets: torch.Tensor, args, log_every: int = 100) -> dict:
     """`args.steps` steps on output windows; the output side is drawn from native..train_scale×native."""
     native, s = args.native, model.config.scale
-    loss = InfGenLoss(LossConfig(lpips_weight=0.0, adv_weight=0.0))
+    loss = InfGenLoss(LossConfig(l2_weight=1.0, lpips_weight=0.0, adv_weight=0.0))
     optim = OptimConfig(lr=args.lr, warmup_steps=min(200, args.steps // 10), total_steps=args.steps,
                         min_lr_ratio=0.02, ema_decay=args.ema, weight_decay=0.0)
     trainer = InfGenTrainer(model, loss, optim)
@@ -185,13 +185,13 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--model", nargs="*", default=[], help="config overrides KEY=VALUE (ints/floats/bools)")
     parser.add_argument("--native", type=int, default=128, help="native crop side (latent = native/8)")
-    parser.add_argument("--train-crops", type=int, default=60, help="training crops per training photo")
+    parser.add_argument("--train-crops", type=int, default=100, help="training crops per training photo")
     parser.add_argument("--holdout-crops", type=int, default=4, help="held-out crops per held-out photo")
     parser.add_argument("--train-scale", type=int, default=4, help="largest training output, × native")
     parser.add_argument("--scales", default="1,2,4,8", help="evaluated output scales, × native")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--window", type=int, default=128, help="training window side, px")
+    parser.add_argument("--steps", type=int, default=3200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=64, help="training window side, px")
     parser.add_argument("--halo", type=int, default=2, help="mask tokens decoded around the window")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.999)
@@ -226,7 +226,8 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.model)}
     model = InfGen.from_preset(args.preset, scaling_factor=vae.scaling_factor, **overrides)
     training = {"steps": args.steps, "batch_size": args.batch_size, "window": args.window, "halo": args.halo,
-                "train_scales": [1, args.train_scale], "lr": args.lr, "ema": args.ema, "loss": "L1"}
+                "train_scales": [1, args.train_scale], "lr": args.lr, "ema": args.ema, "loss": "L1 + L2",
+                "bf16_autocast": autocast_bf16(torch.device("cpu"), True)}
     if args.load_model:
         ema = InfGen.from_pretrained(args.load_model).eval()
         training = json.loads((args.load_model / "training.json").read_text())

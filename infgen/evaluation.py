@@ -12,6 +12,9 @@ its ground truth (reconstruction) or of its latent (generation), sides multiples
   * PSNR / SSIM / LPIPS against the ground truth at (H, W) (reconstruction only);
   * decode latency per image.
 The ground truth (or the reference images) at (H, W) fills the same statistics under the source "reference".
+Ground truth whose long side is under R is upsampled and counted (`truth_upsampled`), or, with
+`upsample_truth=False`, that sample is left out at R and counted (`truth_skipped`): every number then compares
+with real pixels (the short side follows the aspect, rounded to a multiple of 8: at most 4 px of stretch).
 """
 
 from __future__ import annotations
@@ -125,11 +128,12 @@ class EvalAccumulator:
     def __init__(self, extractor: FeatureExtractor, protocol: PatchProtocol, resolutions: Sequence[int],
                  sample_capacity: int, lpips: Optional[torch.nn.Module] = None, feature_batch: int = 64,
                  max_batch_pixels: int = 2 ** 24, grid_keys: Sequence[str] = (), grid_crop: int = 256,
-                 reference_features: bool = True) -> None:
+                 reference_features: bool = True, upsample_truth: bool = True) -> None:
         self.extractor, self.protocol, self.resolutions = extractor, protocol, list(resolutions)
         self.sample_capacity, self.lpips, self.feature_batch = sample_capacity, lpips, feature_batch
         self.max_batch_pixels, self.grid_keys, self.grid_crop = max_batch_pixels, set(grid_keys), grid_crop
         self.reference_features = reference_features  # False: reference statistics come from a cache
+        self.upsample_truth = upsample_truth  # False: a truth with a long side under the resolution is skipped
         self.stats: dict[tuple[str, int, str], RunningStats] = {}
         self.samples: dict[tuple[str, int], FeatureSample] = {}
         self.counts: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -167,14 +171,18 @@ class EvalAccumulator:
         resolution's (H, W), measured under the source "reference"."""
         for res in self.resolutions:
             size = output_size(aspect, res)
-            tensors = []
-            for image in images:
+            kept, tensors = [], []
+            for key, image in zip(keys, images):
                 crop = center_crop(image, aspect)
+                if not self.upsample_truth and max(crop.size) < res:
+                    self.counts[(REFERENCE, res)]["truth_skipped"] += 1
+                    continue
                 self.counts[(REFERENCE, res)]["truth_upsampled"] += max(crop.size) < res
+                kept.append(key)
                 tensors.append(to_tensor(crop.resize((size[1], size[0]), Image.LANCZOS)))
             batch = self._batch(size)
             for start in range(0, len(tensors), batch):
-                self.observe(REFERENCE, res, list(keys[start:start + batch]), torch.stack(tensors[start:start + batch]))
+                self.observe(REFERENCE, res, kept[start:start + batch], torch.stack(tensors[start:start + batch]))
 
     def observe(self, source: str, res: int, keys: Sequence[str], images: torch.Tensor,
                 truth: Optional[torch.Tensor] = None) -> None:
@@ -216,11 +224,16 @@ class EvalAccumulator:
     # ---- internals --------------------------------------------------------------------------------------
 
     def _groups(self, chunk: Chunk, res: int) -> list[tuple[tuple[int, int], list[int]]]:
-        """Sample indices grouped by output size at `res`, each group split to stay under max_batch_pixels."""
+        """Sample indices grouped by output size at `res`, each group split to stay under max_batch_pixels.
+        Without `upsample_truth`, samples whose ground truth's long side is under `res` are left out and
+        counted (reference, res) `truth_skipped`."""
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         h, w = chunk.latents.shape[2:]
         for i in range(len(chunk.keys)):
             aspect = w / h if chunk.truths is None else chunk.truths[i].shape[2] / chunk.truths[i].shape[1]
+            if chunk.truths is not None and not self.upsample_truth and max(chunk.truths[i].shape[1:]) < res:
+                self.counts[(REFERENCE, res)]["truth_skipped"] += 1
+                continue
             by_size[output_size(aspect, res)].append(i)
         return [(size, index[start:start + self._batch(size)])
                 for size, index in by_size.items() for start in range(0, len(index), self._batch(size))]

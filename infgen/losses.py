@@ -1,4 +1,4 @@
-"""L1 + LPIPS + adversarial loss. One object owns the PatchGAN discriminator, its warm-up and the adaptive
+"""L1 + L2 + LPIPS + adversarial loss. One object owns the PatchGAN discriminator, its warm-up and the adaptive
 weight; each call returns (loss, log dict)."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from .metrics import load_lpips
 @dataclass
 class LossConfig:
     l1_weight: float = 1.0
+    # mean squared error: PSNR's own term. L1 alone settles on the median where detail is uncertain; with
+    # L2 the decoder also pays for large errors (measured: +0.13 dB held-out PSNR at 400 steps, issue 10)
+    l2_weight: float = 0.0
     lpips_weight: float = 0.1
     adv_weight: float = 0.1
     disc_start: int = 10_000  # steps before the discriminator trains and the adversarial term counts
@@ -67,10 +70,11 @@ class InfGenLoss(nn.Module):
         """Loss for the generator's step. last_layer: the generator's output weight (adaptive weight only)."""
         c = self.config
         images, targets = images.float(), targets.float()
-        l1 = (images - targets).abs().mean()
+        error = images - targets
+        l1, l2 = error.abs().mean(), error.pow(2).mean()
         perceptual = self.lpips(images, targets).mean() if self.lpips is not None else images.new_zeros(())
-        rec = c.l1_weight * l1 + c.lpips_weight * perceptual
-        log = {"l1": l1.item(), "lpips": perceptual.item(), "rec_loss": rec.item()}
+        rec = c.l1_weight * l1 + c.l2_weight * l2 + c.lpips_weight * perceptual
+        log = {"l1": l1.item(), "l2": l2.item(), "lpips": perceptual.item(), "rec_loss": rec.item()}
         if not self.adversarial_on(step):
             return rec, {**log, "loss": rec.item()}
 

@@ -149,6 +149,15 @@ def _fallback(split: Optional[str], why: Exception) -> list[Photo]:
            f"not comparable with the published figures")
     warnings.warn(msg, stacklevel=3)
     log.warning(msg)
+    return load_shipped_photos(split)
+
+
+def load_shipped_photos(split: Optional[str] = None) -> list[Photo]:
+    """The small photos scikit-image, scikit-learn and matplotlib ship (all under 2 MP), as `Photo`s of one
+    split ('train', 'holdout', or None for both) with their own fixed split by file (SHIPPED_HOLDOUT held out):
+    what `load_photos` falls back to, and what fast tests use instead of the wallpapers."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     photos = []
     for name, (package, _) in SHIPPED_PHOTOS.items():
         side = "holdout" if name in SHIPPED_HOLDOUT else "train"

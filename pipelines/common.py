@@ -9,6 +9,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -111,27 +112,93 @@ def remove_dir(fs: pafs.FileSystem, directory: str) -> None:
         fs.delete_dir(directory)
 
 
-def held_out(url: Optional[str], fraction: float, seed: int = 0) -> bool:
-    """The train/evaluation split: True for the `fraction` of images held out of training, decided by a hash of
-    the image URL's path and query, so every crop of an image lands on the same side on every run and machine.
-    The host is left out: mirrors of one image fall on the same side, and a server's port does not move it."""
-    if not fraction:
-        return False
+HOLDOUT_KEYS = ("fraction", "seed", "urls")
+
+
+def _url_id(url: Optional[str]) -> str:
+    """What the split compares: the URL's path and query. The host is left out: mirrors of one image fall on
+    the same side, and a server's port does not move it."""
     parts = urlsplit(url or "")
-    digest = hashlib.sha256(f"{seed}\0{parts.path}?{parts.query}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+    return f"{parts.path}?{parts.query}"
 
 
-def held_out_keys(fs: pafs.FileSystem, paths: list[str], fraction: float, seed: int = 0) -> list[str]:
-    """Keys of the encode-stage rows held out by `held_out` (reads only the key and url columns)."""
+@dataclass(frozen=True)
+class Holdout:
+    """The train/evaluation split, the `holdout` section of the training and evaluation configs. Training
+    leaves out exactly the images `held_out` selects and the evaluation scores exactly those, so both must be
+    given the same section.
+
+    An image is held out when its URL is listed in the file `urls` (one URL per line: a fixed split by file,
+    as the demo's from conf/photos.yaml) or when a hash of its URL falls in `fraction` (a random split that
+    needs no list, as on LAION), either or both. Every crop of an image has its URL, so all fall on one side.
+    """
+
+    fraction: float = 0.0
+    seed: int = 0
+    urls: Optional[str] = None  # a text file of held-out URLs, one per line
+    listed: frozenset = frozenset()  # _url_id of each URL in `urls` (read by from_config)
+
+    @staticmethod
+    def check(section: Any) -> dict:
+        """A config's `holdout` section ({fraction, seed, urls}; missing keys default; None: nothing held out),
+        checked and filled in, without reading the URL file (workers on other nodes need not see it). Raises
+        ValueError naming the key that is wrong."""
+        values = plain_config(section or {})
+        unknown = sorted(set(values) - set(HOLDOUT_KEYS))
+        if unknown:
+            raise ValueError(f"holdout: unknown keys {unknown}; known: {list(HOLDOUT_KEYS)}")
+        fraction = values.get("fraction") or 0.0
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ValueError(f"holdout.fraction must be a number in [0, 1), got {fraction!r}")
+        return {"fraction": float(fraction), "seed": int(values.get("seed") or 0), "urls": values.get("urls") or None}
+
+    @classmethod
+    def from_config(cls, section: Any) -> "Holdout":
+        """The split a config's `holdout` section describes (see `check`), its URL file read. Raises ValueError
+        naming the key, or the URL file, that is wrong."""
+        values = cls.check(section)
+        fraction, seed, urls = values["fraction"], values["seed"], values["urls"]
+        if not urls:
+            return cls(fraction, seed)
+        path = Path(urls)
+        if not path.is_file():
+            raise ValueError(f"holdout.urls {urls}: no such file (a list of held-out URLs, one per line)")
+        listed = frozenset(_url_id(line.strip()) for line in path.read_text().splitlines() if line.strip())
+        if not listed:
+            raise ValueError(f"holdout.urls {urls}: the file lists no URLs")
+        return cls(fraction, seed, str(urls), listed)
+
+    def __bool__(self) -> bool:
+        return bool(self.fraction or self.listed)
+
+    def held_out(self, url: Optional[str]) -> bool:
+        """True for an image never to train on: its URL is listed, or its hash falls in `fraction`."""
+        key = _url_id(url)
+        if key in self.listed:
+            return True
+        if not self.fraction:
+            return False
+        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < self.fraction * 2 ** 64
+
+    def describe(self) -> str:
+        """For logs and fingerprints: the fraction, the seed and the listed URLs (sorted), hashed."""
+        listed = hashlib.sha256("\n".join(sorted(self.listed)).encode()).hexdigest()[:12]
+        return (f"fraction {self.fraction} seed {self.seed}"
+                + (f", {len(self.listed)} URLs listed in {self.urls} (sha256 {listed})" if self.listed else ""))
+
+
+def held_out_keys(fs: pafs.FileSystem, paths: list[str], holdout: Holdout) -> list[str]:
+    """Keys of the encode-stage rows that `holdout` holds out, in file order (reads only the key and url
+    columns)."""
     import pyarrow.parquet as pq
 
     keys: list[str] = []
-    for path in paths if fraction else []:
+    for path in paths if holdout else []:
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["key", "url"])
         keys += [k for k, u in zip(table.column("key").to_pylist(), table.column("url").to_pylist())
-                 if held_out(u, fraction, seed)]
+                 if holdout.held_out(u)]
     return keys
 
 

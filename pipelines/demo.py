@@ -1,5 +1,6 @@
 """The demo (`make demo`): the whole pipeline on one machine, offline, with everything it needs started here and
-stopped at the end: an HTTP server on 127.0.0.1 serving real photos, an MLflow server (SQLite), a local Ray.
+stopped at the end: an HTTP server on 127.0.0.1 serving real photos (the wallpaper files of conf/photos.yaml, with
+their fixed split by file as the train/evaluation split), an MLflow server (SQLite), a local Ray.
 
 It ends by printing the outputs, the MLflow run ids, the command that reopens the MLflow UI, and the evaluation
 table; and it writes `decoded_sizes.png`: one held-out latent decoded at several sizes and aspect ratios.
@@ -16,10 +17,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from infgen.photos import Photo
 from pipelines.pipeline import PipelineResult, run_pipeline
 from pipelines.services import mlflow_server, mlflow_server_command
 
 log_prefix = "[demo]"
+PHOTO_SETS = ("wallpapers", "shipped")  # conf/photos.yaml's files | the small photos Python packages ship (tests)
+
+
+def demo_photos(photo_set: str) -> list[Photo]:
+    """The `photos` the demo serves: 'wallpapers' (infgen.photos.load_photos(), both splits) or 'shipped'."""
+    from infgen.photos import load_photos, load_shipped_photos
+
+    if photo_set not in PHOTO_SETS:
+        raise ValueError(f"demo config: photos={photo_set!r} is not one of {list(PHOTO_SETS)}")
+    return load_photos() if photo_set == "wallpapers" else load_shipped_photos()
 
 
 def run_demo(config: Any) -> PipelineResult:
@@ -34,11 +46,14 @@ def run_demo(config: Any) -> PipelineResult:
             from pipelines.sample_data import serve, write_demo_dataset
 
             site = output / "site"
-            # a fixed port: the URLs, and so the fingerprints and the train/eval split, are the same every run
+            # a fixed port: the URLs, and so the fingerprints, are the same every run
             base_url = stack.enter_context(serve(site, cfg.site_port))
-            input_uri, expected = write_demo_dataset(site, base_url)
-            print(f"{log_prefix} serving {expected['photos']} photos, {expected['broken']} broken URLs and "
-                  f"{expected['filtered_out']} rows to filter out from {base_url}", flush=True)
+            data = write_demo_dataset(site, base_url, demo_photos(cfg.photos), cfg.holdout.get("urls"))
+            input_uri, n = data.metadata, data.counts
+            listed = f"listed in {data.holdout_urls}" if data.holdout_urls else "not listed: holdout.urls is null"
+            print(f"{log_prefix} serving {n['photos']} photos ({cfg.photos}; {n['held_out']} held out by file, "
+                  f"{listed}), {n['broken']} broken URLs and {n['filtered_out']} rows to filter out from {base_url}",
+                  flush=True)
         if not cfg.mlflow.tracking_uri:
             cfg.mlflow.tracking_uri = stack.enter_context(mlflow_server(output / "mlflow"))
             print(f"{log_prefix} MLflow server at {cfg.mlflow.tracking_uri} (SQLite: {output / 'mlflow' / 'mlflow.db'})",
@@ -58,13 +73,13 @@ def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path |
     from infgen.cli import parse_cli_size
     from infgen.models import InfGen
     from infgen.visualize import image_grid
-    from pipelines.common import held_out_keys, resolve_files
+    from pipelines.common import Holdout, held_out_keys, resolve_files
     from pipelines.tracking import Tracker
 
     if "train" not in result.stages or "encode" not in result.stages:
         return None
     fs, paths = resolve_files(result.stages["encode"].output)
-    keys = held_out_keys(fs, paths, cfg.holdout.fraction, cfg.holdout.seed)  # in file order: the first one
+    keys = held_out_keys(fs, paths, Holdout.from_config(cfg.holdout))  # in file order: the first one
     if not keys:
         return None
     row = pq.read_table(paths, filesystem=fs, columns=["latent"], filters=[("key", "==", keys[0])])
@@ -101,3 +116,7 @@ def summary(cfg: Any, result: PipelineResult, output: Path, figure: Path | None,
         print(f"\nEvaluation ({stats['samples']} held-out crops; features: {stats['extractor']}; "
               f"LPIPS: {stats['lpips']}):")
         print_table(stats["rows"])
+        skipped = {r["resolution"]: r.get("truth_skipped", 0) for r in stats["rows"]}
+        if any(skipped.values()):
+            print("Crops whose ground truth is smaller than the resolution are left out there (never upsampled): "
+                  + ", ".join(f"{n} at {res}" for res, n in skipped.items() if n))

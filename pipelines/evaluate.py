@@ -51,8 +51,8 @@ from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 
-from pipelines.common import (StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success, output_root,
-                              plain_config, read_json, resolve_files, write_json)
+from pipelines.common import (Holdout, StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success,
+                              output_root, plain_config, read_json, resolve_files, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,13 @@ class EvalConfig:
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples (encoded rows, smallest key hash) or latent files
-    holdout: dict = field(default_factory=lambda: {"fraction": 0.0, "seed": 0})  # >0: only the images training
-    #   held out with the same setting (pipelines.common.held_out, by URL hash); 0: every row
+    holdout: dict = field(default_factory=lambda: {"fraction": 0.0, "seed": 0, "urls": None})  # only the images
+    #   training held out with the same section (pipelines.common.Holdout: listed URLs and/or a URL-hash fraction);
+    #   neither: every row
     name: str = "eval"
     resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
+    upsample_truth: bool = True  # False: a sample whose ground truth is smaller than the output is left out at that
+    #   resolution and counted (truth_skipped); every number then compares with real pixels
     decoders: list = field(default_factory=lambda: list(DECODERS))
     vae: str = "tiny"  # the baselines' decoder and the iterative decoder's encoder
     vae_subfolder: Optional[str] = None
@@ -133,8 +136,7 @@ class EvalConfig:
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
         if self.workers["precision"] not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.workers['precision']!r}")
-        if set(self.holdout) != {"fraction", "seed"} or not 0 <= self.holdout["fraction"] < 1:
-            raise ValueError(f"holdout must be {{fraction: [0, 1), seed: int}}, got {self.holdout}")
+        Holdout.check(self.holdout)  # unknown keys, a bad fraction (the driver reads the URL list, in plan)
         if self.tile is not None and self.tile % 8:
             raise ValueError(f"tile must be a multiple of 8, got {self.tile}")
         self.protocol  # raises on bad patch settings
@@ -204,7 +206,8 @@ class EvalWorker:
             lpips = load_lpips(self.cfg.lpips_net, self.cfg.lpips_weights).to(self.device)
         self.acc = EvalAccumulator(build_extractor(self.cfg, self.device), self.cfg.protocol, self.cfg.resolutions,
                                    self.cfg.pr_samples, lpips, self.cfg.feature_batch,
-                                   workers["max_batch_pixels"], grid_keys, self.cfg.grid["crop"], reference_features)
+                                   workers["max_batch_pixels"], grid_keys, self.cfg.grid["crop"], reference_features,
+                                   self.cfg.upsample_truth)
         self.aspect = aspect
 
     def process(self, unit: dict) -> int:
@@ -340,13 +343,14 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
                 raise ValueError(f"{path}: not an encode-stage shard (missing columns {sorted(missing)})")
             for g in range(parquet.num_row_groups):
                 groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
-    if cfg.holdout["fraction"]:  # only the images training held out, by the same split
-        keep = set(held_out_keys(fs, paths, **cfg.holdout))
+    holdout = Holdout.from_config(cfg.holdout)
+    if holdout:  # only the images training held out, by the same split
+        keep = set(held_out_keys(fs, paths, holdout))
         groups = [(path, g, [k for k in ks if k in keep]) for path, g, ks in groups]
     keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
     if not keys:
         raise ValueError(f"data {cfg.data}: the shards hold no rows"
-                         + (f" held out by holdout={cfg.holdout}" if cfg.holdout["fraction"] else ""))
+                         + (f" held out by holdout ({holdout.describe()})" if holdout else ""))
     selected = {k for _, k in (keys[:cfg.limit] if cfg.limit else keys)}
     uri = (lambda p: f"{fs.type_name}://{p}") if fs.type_name != "local" else (lambda p: f"file://{p}")
     units = []  # at most chunk_rows samples each: many small units keep every actor busy to the end
@@ -364,7 +368,8 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
 def reference_cache_path(cfg: EvalConfig, res: int, data_fp: str) -> str:
     """The cache file of the reference statistics at `res`: a hash of what they depend on, nothing else."""
     key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.protocol.to_dict(),
-           "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples}
+           "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples,
+           "upsample_truth": cfg.upsample_truth}
     root = cfg.reference_cache or os.path.join(cfg.output, "reference_stats")
     return os.path.join(root, f"ref_{res}_{config_hash(key)}")
 
@@ -411,7 +416,8 @@ def run_evaluate(config: Any) -> StageResult:
     init_ray(cfg.ray.get("address"), cfg.ray.get("num_cpus"))
     p = plan(cfg)
     data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "kind": cfg.data_kind,
-                                                "reference": p.reference_files})
+                                                "reference": p.reference_files,
+                                                "holdout": Holdout.from_config(cfg.holdout).describe()})
     model_dir = Path(cfg.model or "")
     model_files = sorted(f for f in model_dir.glob("*") if f.is_file()) if cfg.model and model_dir.is_dir() else []
     params = {k: v for k, v in asdict(cfg).items() if k not in ("ray", "mlflow", "output", "workers")}
@@ -518,6 +524,7 @@ def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) 
                    "reference_images": int(ref_counts.get("images", 0)),
                    "reference_patches": int(ref_counts.get("patches", 0)),
                    "truth_upsampled": int(ref_counts.get("truth_upsampled", 0)),
+                   "truth_skipped": int(ref_counts.get("truth_skipped", 0)),
                    "latency_s": c.get("decode_s", 0.0) / max(1, c.get("images", 0))}
             row.update(distances(cfg, {f: merged("stats", (decoder, res, f)) for f in FEATURES}, ref_stats,
                                  merged("sample", (decoder, res)), ref_sample))
@@ -575,7 +582,7 @@ def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list
         "seconds": seconds, "definitions": DEFINITIONS}
     write_json(fs, f"{out_dir}/results.json", results)
     columns = ["decoder", "resolution", *METRICS, "images", "patches", "skipped_small", "reference_images",
-               "reference_patches", "truth_upsampled"]
+               "reference_patches", "truth_upsampled", "truth_skipped"]
     _write_csv(fs, f"{out_dir}/results.csv", rows, columns)
     _write_csv(fs, f"{out_dir}/per_image.csv", summary["per_image"],
                ["key", "decoder", "resolution", "height", "width", "psnr", "ssim", "lpips"])

@@ -1,6 +1,7 @@
-"""A small LAION-style world for the demo and the pipeline tests: real photos that installed packages ship,
-broken files, an HTTP server on 127.0.0.1 serving them, and metadata parquet in each real LAION schema variant.
-Nothing here is downloaded: img2dataset really downloads these files from the local server."""
+"""A small LAION-style world for the demo and the pipeline tests: real photos (the demo's: the wallpaper files of
+conf/photos.yaml; the tests': photos that installed packages ship), broken files, an HTTP server on 127.0.0.1
+serving them, and metadata parquet in each real LAION schema variant. Nothing here is downloaded from outside:
+img2dataset really downloads these files from the local server."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import contextlib
 import functools
 import http.server
 import io
+import os
 import threading
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,9 +23,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from infgen.images import SHIPPED_PHOTOS, shipped_photos
+from infgen.images import shipped_photos
+from infgen.photos import Photo
 
-# name → (width, height) of the served photo: over 2 MP each, several aspect ratios
+# the pipeline tests' photos: name → (width, height) of the served photo (shipped photos upsampled to ~2 MP),
+# several aspect ratios
 LARGE_PHOTOS = {
     "astronaut": (1600, 1600), "chelsea": (1800, 1200), "coffee": (1800, 1200), "rocket": (1920, 1280),
     "motorcycle": (2000, 1350), "china": (1920, 1280), "flower": (1920, 1280), "grace_hopper": (1400, 1600),
@@ -150,45 +155,86 @@ def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def write_demo_dataset(directory: Path, base_url: str) -> tuple[Path, dict[str, int]]:
-    """The demo's LAION-Aesthetics-V2-style metadata over files written to `directory` (served at base_url):
+# broken files the demo serves (download and encode count them): name → what it is
+DEMO_BROKEN = {"truncated.jpg": "a JPEG cut short", "html.jpg": "an HTML page served as .jpg",
+               MISSING: "never written: the server answers 404"}
+CLAIMED_SIZE = (3000, 2000)  # what the metadata says of rows that are not photos: over 2 MP, so the filter keeps
+#                             the broken ones and drops the others only for the reason they are there for
 
-    * every shipped photo at its own size, as JPEG (the rows the pipeline should train and evaluate on);
-    * the broken files of `write_photos` and a URL that answers 404 (download/encode count them);
-    * rows the filter must drop: too small, low aesthetic score, NSFW, watermark, a duplicate URL.
-    Returns the parquet path and what each group should count, for the demo's summary.
+
+@dataclass
+class DemoDataset:
+    """What `write_demo_dataset` wrote."""
+
+    metadata: Path  # the LAION-Aesthetics-V2 parquet: the pipeline's input
+    holdout_urls: Optional[Path]  # the held-out photos' URLs, one per line (train and evaluate `holdout.urls`)
+    counts: dict[str, int]  # rows, photos, held_out, broken, filtered_out: for the demo's summary
+
+
+def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
+                       holdout_urls: Optional[Path] = None) -> DemoDataset:
+    """The demo's LAION-Aesthetics-V2 metadata over files in `directory` (served at `base_url`):
+
+    * every photo (`infgen.photos.load_photos()`: the wallpapers) as the file it is, linked under its file name,
+      with its credit as the caption and its real WIDTH/HEIGHT (read from the file): files under the filter's
+      2 MP are dropped there, like any small LAION image;
+    * the broken files of DEMO_BROKEN (download and encode count them);
+    * rows the filter must drop, one reason each: too small, low aesthetic score, NSFW, watermark, a duplicate URL.
+    With `holdout_urls`, the URLs of the photos whose split is 'holdout' are written there, one per line: the
+    fixed split by file that training and evaluation read (pipelines.common.Holdout).
+    Files are linked, not copied (the wallpapers are ~100 MB): the server sends their bytes as they are, PNGs
+    included, and img2dataset re-encodes what it must, as it would on LAION. Raises ValueError when two photos
+    share a file name (their URLs would clash).
     """
+    if not photos:
+        raise ValueError("write_demo_dataset: no photos to serve")
     directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, image in shipped_photos().items():
-        image.save(directory / f"{name}.jpg", quality=95)
-        rows.append({"url": f"{base_url}/{name}.jpg", "text": f"a photo: {name}", "width": image.width,
-                     "height": image.height, "aesthetic": 6.5})
+    rows, held, served = [], [], {}
+    for photo in photos:
+        link = directory / photo.path.name
+        if link.name in served:
+            raise ValueError(f"two photos are named {link.name} ({served[link.name]} and {photo.path}): their URLs "
+                             f"would clash")
+        served[link.name] = photo.path
+        if not (link.is_symlink() and os.readlink(link) == str(photo.path)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(photo.path)
+        with Image.open(photo.path) as image:  # the header only
+            width, height = image.size
+        rows.append({"url": f"{base_url}/{link.name}", "text": photo.credit(), "width": width, "height": height,
+                     "aesthetic": 6.5})
+        if photo.split == "holdout":
+            held.append(rows[-1]["url"])
     good = len(rows)
-    photo = shipped_photos(["chelsea"])["chelsea"]
-    (directory / "truncated.jpg").write_bytes(jpeg_bytes(photo)[:20_000])
+    chelsea = shipped_photos(["chelsea"])["chelsea"]
+    (directory / "truncated.jpg").write_bytes(jpeg_bytes(chelsea)[:20_000])
     (directory / "html.jpg").write_bytes(b"<!doctype html><html><body>Not found, but 200 OK</body></html>")
-    broken = [("truncated.jpg", 600, 400), ("html.jpg", 600, 400), (MISSING, 640, 480)]
-    rows += [{"url": f"{base_url}/{name}", "text": name, "width": w, "height": h, "aesthetic": 6.0}
-             for name, w, h in broken]
-    astronaut = f"{base_url}/astronaut.jpg"
+    width, height = CLAIMED_SIZE
+    rows += [{"url": f"{base_url}/{name}", "text": what, "width": width, "height": height, "aesthetic": 6.0}
+             for name, what in DEMO_BROKEN.items()]
     rows += [{"url": f"{base_url}/thumb.jpg", "text": "too small", "width": 120, "height": 90},
-             {"url": f"{base_url}/ugly.jpg", "text": "low score", "width": 800, "height": 600, "aesthetic": 3.0},
-             {"url": f"{base_url}/nsfw.jpg", "text": "unsafe", "width": 800, "height": 600, "punsafe": 0.99},
-             {"url": f"{base_url}/logo.jpg", "text": "watermark", "width": 800, "height": 600, "pwatermark": 0.95},
-             {"url": astronaut, "text": "the same URL again", "width": 512, "height": 512}]
+             {"url": f"{base_url}/ugly.jpg", "text": "low score", "width": width, "height": height, "aesthetic": 3.0},
+             {"url": f"{base_url}/nsfw.jpg", "text": "unsafe", "width": width, "height": height, "punsafe": 0.99},
+             {"url": f"{base_url}/logo.jpg", "text": "watermark", "width": width, "height": height, "pwatermark": 0.95},
+             {**rows[0], "text": "the same URL again"}]
     path = directory / "metadata" / "laion-demo.parquet"
     table = laion_table(rows, "aesthetics_v2")
     if not path.exists() or not pq.read_table(path).equals(table):  # unchanged: keep the mtime (fingerprints)
         write_laion_parquet(path, rows, "aesthetics_v2")
-    return path, {"rows": len(rows), "photos": good, "broken": len(broken), "filtered_out": 5,
-                  "shipped": len(SHIPPED_PHOTOS)}
+    if holdout_urls is not None:
+        holdout_urls = Path(holdout_urls)
+        holdout_urls.parent.mkdir(parents=True, exist_ok=True)
+        holdout_urls.write_text("".join(f"{url}\n" for url in held))
+    return DemoDataset(path, holdout_urls, {"rows": len(rows), "photos": good, "held_out": len(held),
+                                            "broken": len(DEMO_BROKEN), "filtered_out": 5})
 
 
-def write_encoded_shards(directory: Path, latents: torch.Tensor, hr: torch.Tensor, shards: int = 2) -> Path:
+def write_encoded_shards(directory: Path, latents: torch.Tensor, hr: torch.Tensor, shards: int = 2,
+                         urls: Optional[Sequence[str]] = None) -> Path:
     """In-memory (latents (N, C, h, w), crops (N, 3, H, W) in [-1, 1]) → `shards` parquet files in the encode
-    stage's schema (pipelines.encode.output_schema), rows dealt round-robin; keys `<shard><row>`, URLs
-    http://127.0.0.1/<key>.jpg. For tests and benchmarks that need training data without running the stages."""
+    stage's schema (pipelines.encode.output_schema), rows dealt round-robin; keys `<shard><row>`, URLs `urls[i]`
+    (several crops of one image share one) or http://127.0.0.1/<key>.jpg. For tests and benchmarks that need
+    training data without running the stages."""
     from infgen.images import to_pil
     from pipelines.encode import output_schema
 
@@ -209,6 +255,7 @@ def write_encoded_shards(directory: Path, latents: torch.Tensor, hr: torch.Tenso
             "hr": pngs, "hr_width": [w] * n, "hr_height": [h] * n,
             "crop_box": pa.FixedShapeTensorArray.from_numpy_ndarray(np.tile(np.array([0, 0, w, h], np.int32), (n, 1))),
             "orig_width": [w] * n, "orig_height": [h] * n, "caption": [None] * n,
-            "url": [f"http://127.0.0.1/{k}.jpg" for k in keys]}, schema=output_schema(tuple(latents.shape[1:])))
+            "url": [urls[i] for i in rows] if urls is not None else [f"http://127.0.0.1/{k}.jpg" for k in keys]},
+            schema=output_schema(tuple(latents.shape[1:])))
         pq.write_table(table, directory / f"{shard:05d}.parquet")
     return directory

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infgen.data import random_target_size, targets_at
+from infgen.data import random_target_size
 from infgen.images import resize, to_tensor
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines.common import dataclass_from, held_out_keys, init_ray, plain_config, resolve_files
+from pipelines.common import HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config, resolve_files
 from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,24 @@ def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
     return top, left, height, width
 
 
-def decode_targets(hr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (antialiased) to `size`."""
-    images = [to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in hr]
-    return torch.cat([targets_at(image[None], size) for image in images])  # crops differ in size: one by one
+def decode_targets(hr: np.ndarray, size: tuple[int, int],
+                   region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (Pillow bicubic, antialiased) to
+    `size`; with `region` = (top, left, height, width) of that output, only that window (B, 3, height, width).
+    Pillow resizes only the source box under the window, so a 64-px window of a 2048-px crop costs the
+    decode, not a full resize; a JPEG crop (encode's hr_format) decodes at the smallest 1/2^k scale still at
+    least `size` (Pillow's draft mode), 4× fewer pixels per halving."""
+    H, W = size
+    top, left, height, width = region or (0, 0, H, W)
+    out = []
+    for data in hr:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (W, H))  # JPEG only (elsewhere a no-op); never below the output size
+        image = image.convert("RGB")
+        sx, sy = image.width / W, image.height / H
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        out.append(to_tensor(image.resize((width, height), Image.BICUBIC, box=box)))
+    return torch.stack(out)
 
 
 def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
@@ -192,11 +206,8 @@ def train_loop(cfg: dict) -> None:
                 break
             size = target_size_for_step(train, trainer.step)
             latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32)).to(device)
-            targets = decode_targets(batch["hr"], size).to(device)
             region = window_for_step(train, trainer.step, size, unwrap(trainer.model).config.scale)
-            if region is not None:
-                top, left, height, width = region
-                targets = targets[..., top:top + height, left:left + width]
+            targets = decode_targets(batch["hr"], size, region).to(device)
             step_log = trainer.train_step(latents, targets, size=size, region=region, halo=train["window_halo"])
             step = trainer.step
             if train.get("fail_at_step") == step and rank == world - 1:
@@ -300,7 +311,7 @@ SECTIONS = {  # every key a training config may have; anything else is a typo th
               "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
               "sample_every", "shuffle_buffer", "seed", "fail_at_step", "window", "window_halo"},
     "samples": {"count", "sizes"},
-    "holdout": {"fraction", "seed"},
+    "holdout": set(HOLDOUT_KEYS),
     "mlflow": {"tracking_uri", "experiment", "registered_model_name"},
     "ray": {"address", "num_cpus"},
 }
@@ -325,6 +336,17 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"training config: missing keys {missing}")
     dataclass_from(LossConfig, cfg["loss"])  # their own unknown-key and value checks
     dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
+    Holdout.check(cfg.get("holdout"))
+
+
+def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: list[str]) -> list[str]:
+    """The rows training never reads: the sample grid's rows and every row the `holdout` section holds out
+    (the evaluation's images, selected by pipelines.common.Holdout as the evaluation selects them)."""
+    holdout = Holdout.from_config(cfg.get("holdout"))
+    held = held_out_keys(fs, paths, holdout)
+    if holdout:
+        print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
+    return sample_keys + held
 
 
 def run_train(config: Any) -> TrainResult:
@@ -344,10 +366,7 @@ def run_train(config: Any) -> TrainResult:
 
     fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
     keys, latents, hr = held_out_rows(paths, fs, cfg["samples"]["count"])
-    holdout = cfg.get("holdout") or {"fraction": 0.0, "seed": 0}
-    excluded = keys + held_out_keys(fs, paths, holdout["fraction"], holdout["seed"])  # the evaluation's images
-    if holdout["fraction"]:
-        print(f"[train] {len(excluded) - len(keys)} rows held out for evaluation (holdout {holdout})", flush=True)
+    excluded = excluded_keys(fs, paths, cfg, keys)
     dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
                .filter(expr=~ray.data.expressions.col("key").is_in(excluded))
                .select_columns(["latent", "hr"])

@@ -1,12 +1,18 @@
 """The demo's code path end to end (what `make demo` runs), at a smaller scale: photos served over HTTP on
 127.0.0.1, a real MLflow server, local Ray, filter → download → encode → train → evaluate, one parent MLflow
-run with a nested run per stage, every run with its metrics, artifacts and lineage tags."""
+run with a nested run per stage, every run with its metrics, artifacts and lineage tags, and the split by file:
+the evaluation scores only crops of the held-out files. The small photos Python packages ship stand in for the
+wallpapers (tests/test_sample_data.py checks those at the real thresholds), with thresholds lowered to match."""
 
+import csv
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
+from infgen.photos import load_shipped_photos
 from jobs.config import load_job_config
 from pipelines.demo import run_demo
 from pipelines.services import free_port
@@ -15,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")]
 
 SMALL = [
+    "photos=shipped",
     "stages.encode.overrides.crops_per_image=3",
     "stages.train.overrides.train.steps=8", "stages.train.overrides.train.checkpoint_every=4",
     "stages.train.overrides.train.log_every=4", "stages.train.overrides.train.sample_every=8",
@@ -23,10 +30,14 @@ SMALL = [
     "stages.evaluate.overrides.patches.size=64", "stages.evaluate.overrides.patches.shift=32",
     "figure_sizes=[128x128,256x128]",
 ]
+# the shipped photos are 0.13–2 MP, 300–1411 px: below the real thresholds the demo runs at
+SHIPPED_THRESHOLDS = {"stages": {"filter": {"overrides": {"min_pixels": 100_000, "min_short_side": 256}},
+                                 "download": {"overrides": {"min_image_size": 256}}}}
 
 
 def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys):
     cfg = load_job_config(ROOT / "conf/demo.yaml", [f"output={tmp_path / 'demo'}", f"site_port={free_port()}", *SMALL])
+    cfg = OmegaConf.merge(cfg, SHIPPED_THRESHOLDS)
     result = run_demo(cfg)
 
     assert list(result.stages) == ["filter", "download", "encode", "train", "evaluate"]
@@ -34,6 +45,14 @@ def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys)
     assert download["success"] == 11 and download["failed"] == 3  # 11 photos; truncated, html, 404
     assert result.stages["filter"].stats["rows_out"] == 14  # 19 rows: 5 dropped by the filters
     assert (tmp_path / "demo" / "decoded_sizes.png").stat().st_size > 1000
+
+    # the split by file: the evaluation scored crops of the held-out photos (coffee, chelsea, flower) only
+    held = {p.path.name for p in load_shipped_photos("holdout")}
+    urls = pq.read_table(result.stages["encode"].output, columns=["key", "url"]).to_pydict()
+    file_of = {k: u.rsplit("/", 1)[1] for k, u in zip(urls["key"], urls["url"])}
+    with open(Path(result.stages["evaluate"].output) / "per_image.csv") as f:
+        scored = {row["key"] for row in csv.DictReader(f)}
+    assert len(scored) == 4 and {file_of[k] for k in scored} <= held
     out = capsys.readouterr().out
     assert "Open the UI:" in out and "mlflow server --backend-store-uri sqlite:///" in out
     assert "fidp" in out and "vae_bicubic" in out

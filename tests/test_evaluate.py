@@ -213,17 +213,88 @@ def test_generation_from_latent_files_against_reference_images(ray_local, model_
 
 
 def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
-    from pipelines.common import held_out, held_out_keys, resolve_files
+    import hashlib
+
+    from pipelines.common import Holdout, held_out_keys, resolve_files
     from pipelines.evaluate import plan
+    from pipelines.train import excluded_keys
 
     fs, paths = resolve_files(str(encoded))
-    keys = held_out_keys(fs, paths, 0.5, seed=3)
+    holdout = Holdout.from_config({"fraction": 0.5, "seed": 3})
+    keys = held_out_keys(fs, paths, holdout)
     assert 0 < len(keys) < 8
+    assert excluded_keys(fs, paths, {"holdout": {"fraction": 0.5, "seed": 3}}, []) == keys
     cfg = EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": {"fraction": 0.5, "seed": 3}})
     assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
-    assert [held_out("http://x/a.jpg", 0.3, s) for s in range(6)] == [held_out("http://x/a.jpg", 0.3, s) for s in range(6)]
-    assert sum(held_out(f"http://x/{i}.jpg", 0.3) for i in range(2000)) == pytest.approx(600, abs=80)
+    split = Holdout(fraction=0.3)
+    assert sum(split.held_out(f"http://x/{i}.jpg") for i in range(2000)) == pytest.approx(600, abs=80)
+    # the hash of the URL's path and query, as before the URL lists: existing LAION splits do not move
+    def before(path: str, seed: int) -> bool:
+        return int.from_bytes(hashlib.sha256(f"{seed}\0{path}?".encode()).digest()[:8], "big") < 0.3 * 2 ** 64
+
+    assert all(Holdout(0.3, s).held_out(f"https://host:{s}/{i}.jpg") == before(f"/{i}.jpg", s)
+               for s in range(3) for i in range(200))
+    assert not Holdout().held_out("http://x/a.jpg") and not Holdout()
+
+
+def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_its_crops(pairs, tmp_path):
+    """The demo's split: a list of held-out URLs (conf/photos.yaml's held-out files). Every crop of a listed
+    image is out of training and in the evaluation, whatever host serves it; nothing else is evaluated."""
+    from pipelines.common import Holdout, resolve_files
+    from pipelines.evaluate import plan
+    from pipelines.train import excluded_keys
+
+    latents, hr = pairs  # 8 crops: 2 of each of 4 photos, as the encode stage writes crops_per_image=2
+    urls = [f"http://127.0.0.1:18765/photo{i // 2}.jpg" for i in range(len(latents))]
+    encoded = write_encoded_shards(tmp_path / "encoded", latents, hr, urls=urls)
+    listed = tmp_path / "holdout_urls.txt"
+    # another port and a URL that is not in the data: the path is what counts, and an unknown URL selects nothing
+    listed.write_text("http://127.0.0.1:9/photo1.jpg\nhttp://127.0.0.1:18765/photo9.jpg\n\n")
+    section = {"fraction": 0.0, "seed": 0, "urls": str(listed)}
+
+    fs, paths = resolve_files(str(encoded))
+    table = pq.read_table(paths, filesystem=fs, columns=["key", "url"])
+    url_of = dict(zip(table.column("key").to_pylist(), table.column("url").to_pylist()))
+    held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
+    assert len(held) == 2
+
+    excluded = excluded_keys(fs, paths, {"holdout": section}, ["sample-row"])
+    training = set(url_of) - set(excluded)
+    assert held <= set(excluded) and not held & training and len(training) == 6
+    cfg = EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
+                                   "holdout": section})
+    assert {k for unit in plan(cfg).units for k in unit["keys"]} == held
+
+    assert Holdout.from_config(section).held_out("https://mirror.example/photo1.jpg")
+    assert not Holdout.from_config(section).held_out("http://127.0.0.1:18765/photo10.jpg")
+    with pytest.raises(ValueError, match="holdout.urls .*missing.txt: no such file"):
+        Holdout.from_config({"urls": str(tmp_path / "missing.txt")})
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="lists no URLs"):
+        Holdout.from_config({"urls": str(tmp_path / "empty.txt")})
+    with pytest.raises(ValueError, match="unknown keys \\['files'\\]"):
+        EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": "x", "output": "x",
+                                 "holdout": {"files": "a.txt"}})
+
+
+def test_ground_truth_is_never_upsampled_when_told(tiny_vae, pairs):
+    """upsample_truth=False: a crop whose stored ground truth is under a resolution is skipped there and
+    counted; with the default it is upsampled and counted as such."""
+    latents, hr = pairs  # ground truth 256²
+    decoders = Decoders(["vae_bicubic"], None, tiny_vae, None, 512)
+    for upsample in (True, False):
+        acc = EvalAccumulator(RandomConvFeatures(), PatchProtocol(size=64, shift=32), [128, 256, 512], 64,
+                              upsample_truth=upsample)
+        acc.add_chunk(Chunk(["a", "b", "c"], latents[:3], list(hr[:3])), decoders)
+        assert acc.counts[("vae_bicubic", 256)]["images"] == acc.counts[(REFERENCE, 256)]["images"] == 3
+        at_512 = acc.counts[(REFERENCE, 512)]
+        if upsample:
+            assert at_512["truth_upsampled"] == 3 and acc.counts[("vae_bicubic", 512)]["images"] == 3
+        else:
+            assert at_512["truth_skipped"] == 3 and not at_512.get("truth_upsampled")
+            assert ("vae_bicubic", 512) not in acc.counts and not acc.counts[(REFERENCE, 512)].get("images")
+            assert {r["resolution"] for r in acc.per_image} == {128, 256}
 
 
 def test_bad_latents_and_empty_directories_fail_clearly(ray_local, model_dir, tmp_path):

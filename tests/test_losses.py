@@ -16,7 +16,7 @@ def test_warm_up_then_adversarial():
     images = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
     targets = torch.rand(2, 3, 64, 64) * 2 - 1
     total, log = loss.generator_loss(images, targets, step=0)
-    assert set(log) == {"l1", "lpips", "rec_loss", "loss"}
+    assert set(log) == {"l1", "l2", "lpips", "rec_loss", "loss"}
     assert total.item() == pytest.approx(log["l1"] + 0.1 * log["lpips"], rel=1e-5)
     d_loss, d_log = loss.discriminator_loss(images, targets, step=0)
     assert not d_loss.requires_grad and d_log == {"d_loss": 0.0}
@@ -30,6 +30,15 @@ def test_warm_up_then_adversarial():
     d_loss.backward()
     assert all(p.grad is not None for p in loss.discriminator.parameters())
     assert {"logits_real", "logits_fake"} <= set(d_log)
+
+
+def test_l2_term_is_the_mean_squared_error():
+    loss = InfGenLoss(LossConfig(l1_weight=0.5, l2_weight=2.0, lpips_weight=0.0, adv_weight=0.0))
+    images, targets = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    total, log = loss.generator_loss(images, targets, step=0)
+    mse = torch.nn.functional.mse_loss(images, targets).item()
+    assert log["l2"] == pytest.approx(mse, rel=1e-6)
+    assert total.item() == pytest.approx(0.5 * log["l1"] + 2.0 * mse, rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")

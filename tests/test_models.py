@@ -217,3 +217,5 @@ def test_config_validation():
         InfGenConfig(width=30, num_heads=4)
     with pytest.raises(ValueError, match="radii"):
         InfGenConfig(cross_attn_radius=0.5)
+    with pytest.raises(ValueError, match="latent_kernel must be a positive odd number, got 2"):
+        InfGenConfig(latent_kernel=2)

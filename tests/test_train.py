@@ -107,6 +107,34 @@ def test_training_windows_are_seeded_per_step_and_inside_the_output():
     assert window_for_step(train, 1, (64, 64), 8) is None  # the window covers the output: train on all of it
 
 
+def test_window_targets_are_the_window_of_the_full_target():
+    import io
+
+    from infgen.images import shipped_photos
+    from pipelines.train import decode_targets
+
+    buffer = io.BytesIO()
+    shipped_photos(["coffee"])["coffee"].resize((600, 400)).save(buffer, format="PNG")
+    hr = [buffer.getvalue()] * 2
+    full = decode_targets(hr, (256, 384))
+    window = decode_targets(hr, (256, 384), (64, 128, 64, 64))
+    assert full.shape == (2, 3, 256, 384) and window.shape == (2, 3, 64, 64)
+    # Pillow filters the window from the pixels around its box too: equal to the full resize's window
+    # up to rounding to 8 bits
+    assert (window - full[..., 64:128, 128:192]).abs().max() < 2.5 / 255
+
+    # a JPEG crop decodes at a reduced scale (draft mode) that still covers the output: close to the full decode
+    buffer = io.BytesIO()
+    shipped_photos(["coffee"])["coffee"].resize((1200, 800)).save(buffer, format="JPEG", quality=95)
+    jpeg = [buffer.getvalue()]
+    reduced = decode_targets(jpeg, (256, 384), (64, 128, 64, 64))
+    from PIL import Image
+
+    exact = Image.open(io.BytesIO(jpeg[0])).convert("RGB").resize((384, 256), Image.BICUBIC)
+    exact = torch.from_numpy(np.asarray(exact)).permute(2, 0, 1)[:, 64:128, 128:192] / 127.5 - 1
+    assert reduced.shape == (1, 3, 64, 64) and (reduced[0] - exact).abs().mean() < 4 / 255
+
+
 def test_stage2_starts_from_stage1(tmp_path):
     stage1 = InfGen.from_preset("tiny")
     stage1.save_pretrained(tmp_path / "exported")
@@ -144,4 +172,8 @@ def test_unknown_training_keys_fail_before_any_worker_starts(tmp_path):
         run_train(cfg)
     del cfg.train.stpes
     with pytest.raises(ValueError, match="unknown OptimConfig keys in the config: \\['learning_rate'\\]"):
+        run_train(cfg)
+    del cfg.optim.learning_rate
+    cfg.holdout.fraction = 1.5
+    with pytest.raises(ValueError, match=r"holdout.fraction must be a number in \[0, 1\), got 1.5"):
         run_train(cfg)

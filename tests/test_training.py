@@ -113,3 +113,11 @@ def test_random_regions_cover_every_scale():
     assert 0.4 < sum(s < 447 for s in sides) / len(sides) < 0.6
     with pytest.raises(ValueError, match="too small"):
         random_region(90, 400, rng, min_side=100)
+
+
+def test_bf16_autocast_only_where_it_is_native():
+    from infgen.training import autocast_bf16
+
+    assert not autocast_bf16(torch.device("cpu"), False) and not autocast_bf16(torch.device("cuda"), False)
+    assert autocast_bf16(torch.device("cuda"), True)
+    assert autocast_bf16(torch.device("cpu"), True) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
