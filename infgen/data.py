@@ -52,6 +52,19 @@ def region_at(image: Image.Image, box: tuple[int, int, int, int], size: int) -> 
     return to_tensor(image.resize((size, size), Image.LANCZOS, box=box, reducing_gap=2.0))
 
 
+def target_window(image: Image.Image, size: tuple[int, int],
+                  region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """`image` resized (Pillow bicubic, antialiased) to size (H, W): (3, H, W) in [-1, 1]; with `region` =
+    (top, left, height, width) of that output, only that window (3, height, width). Pillow resizes only the
+    source box under the window (its filter still reads the pixels around the box), so a 64-px window of a
+    2048-px crop costs the window, not a full resize."""
+    H, W = size
+    top, left, height, width = region or (0, 0, H, W)
+    sx, sy = image.width / W, image.height / H
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return to_tensor(image.resize((width, height), Image.BICUBIC, box=box))
+
+
 def photo_pairs(images: Sequence[Image.Image], vae: FrozenVAE, crops_per_image: int, input_size: int,
                 hr_size: int, seed: int = 0, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (N, 4, input/8, input/8) of square random crops resized to input_size, and the same crops

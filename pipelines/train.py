@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infgen.data import random_target_size
-from infgen.images import resize, to_tensor
+from infgen.data import random_target_size, target_window
+from infgen.images import resize
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
@@ -77,21 +77,14 @@ def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
 
 def decode_targets(hr: np.ndarray, size: tuple[int, int],
                    region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
-    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1], each resized (Pillow bicubic, antialiased) to
-    `size`; with `region` = (top, left, height, width) of that output, only that window (B, 3, height, width).
-    Pillow resizes only the source box under the window, so a 64-px window of a 2048-px crop costs the
-    decode, not a full resize; a JPEG crop (encode's hr_format) decodes at the smallest 1/2^k scale still at
+    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1] at `size`, or only the window `region` of it
+    (infgen.data.target_window). A JPEG crop (encode's hr_format) decodes at the smallest 1/2^k scale still at
     least `size` (Pillow's draft mode), 4× fewer pixels per halving."""
-    H, W = size
-    top, left, height, width = region or (0, 0, H, W)
     out = []
     for data in hr:
         image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (W, H))  # JPEG only (elsewhere a no-op); never below the output size
-        image = image.convert("RGB")
-        sx, sy = image.width / W, image.height / H
-        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-        out.append(to_tensor(image.resize((width, height), Image.BICUBIC, box=box)))
+        image.draft("RGB", (size[1], size[0]))  # JPEG only (elsewhere a no-op); never below the output size
+        out.append(target_window(image.convert("RGB"), size, region))
     return torch.stack(out)
 
 
