@@ -94,9 +94,11 @@ def base_config(args: argparse.Namespace, data: Path) -> dict:
 # ---- (a) the bare loop ----------------------------------------------------------------------------------------
 
 
-def bare_loop(cfg: dict, warmup: int) -> dict:
-    """One process, no Ray: the same model/loss/trainer, data, target sizes and steps. Times steps
-    [warmup, steps): reading the parquet (every epoch), the PNG decode + resize and train_step."""
+def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
+    """One process, no Ray: the same model/loss/trainer, data, target sizes, windows and steps. Times steps
+    [warmup, steps): reading the parquet (every epoch), the PNG decode + resize and train_step; with `predecoded`,
+    every step's batch and targets are made before the timer starts and only train_step is timed (what a step
+    would cost if the data path were free)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -105,7 +107,8 @@ def bare_loop(cfg: dict, warmup: int) -> dict:
     from infgen.losses import InfGenLoss, LossConfig
     from infgen.training import InfGenTrainer, OptimConfig
     from pipelines.common import resolve_files
-    from pipelines.train import build_model, dataclass_from, decode_targets, held_out_rows, target_size_for_step
+    from pipelines.train import (build_model, dataclass_from, decode_targets, held_out_rows, target_size_for_step,
+                                 window_for_step)
 
     train = cfg["train"]
     torch.set_num_threads(train["threads_per_worker"])
@@ -129,16 +132,21 @@ def bare_loop(cfg: dict, warmup: int) -> dict:
                 yield latents[index], hr[index]
             epoch += 1
 
+    def step_data(step: int, lat, hr) -> tuple:
+        size = target_size_for_step(train, step)
+        region = window_for_step(train, step, size, trainer.model.config.scale)
+        return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, size, region), size, region
+
     data = batches()
+    ready = [step_data(step, *next(data)) for step in range(train["steps"])] if predecoded else None
     losses = []
     start = time.perf_counter()
     for step in range(train["steps"]):
         if step == warmup:
             start = time.perf_counter()
-        lat, hr = next(data)
-        size = target_size_for_step(train, trainer.step)
-        latents = torch.from_numpy(np.asarray(lat, dtype=np.float32))
-        losses.append(trainer.train_step(latents, decode_targets(hr, size))["loss"])
+        latents, targets, size, region = ready[step] if predecoded else step_data(step, *next(data))
+        losses.append(trainer.train_step(latents, targets, size=size, region=region,
+                                         halo=train["window_halo"])["loss"])
     seconds = time.perf_counter() - start
     timed = train["steps"] - warmup
     return {"timed_steps": timed, "warmup_steps": warmup, "seconds": round(seconds, 3),
@@ -198,7 +206,7 @@ def best(runs: list[dict]) -> float | None:
     return max(rates) if rates else None
 
 
-def derive(rate: dict[str, float | None]) -> list[dict]:
+def derive(rate: dict[str, float | None], sizes: list[int]) -> list[dict]:
     def ratio(name, num, den, target, note):
         if not rate.get(num) or not rate.get(den):
             return None
@@ -206,6 +214,13 @@ def derive(rate: dict[str, float | None]) -> list[dict]:
         return {"name": name, "value": round(value, 4), "target": f">= {target}" if target else None,
                 "meets_target": value >= target if target else None, "note": note}
 
+    if sizes:
+        derived = [ratio(f"ray_1worker_{s} / bare_predecoded_{s} (samples/s)", f"ray_1worker_{s}",
+                         f"bare_predecoded_{s}", round(1 / 1.05, 4),
+                         f"{s}² targets: the step time with the real data path (Ray Data, decode and resize of the "
+                         "targets ahead of the step) over the step time on tensors decoded beforehand; >= 1/1.05 "
+                         "means at most 5% slower") for s in sizes]
+        return [d for d in derived if d]
     derived = [
         ratio("ray_1worker / bare (samples/s)", "ray_1worker", "bare", 0.90,
               "Ray Train's overhead with one worker: Ray Data feeding, per-window report barrier, MLflow logging"),
@@ -232,6 +247,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=128, help="training rows (the held-out sample rows come on top)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per side; each side's best counts")
+    ap.add_argument("--target-sizes", default="", help="e.g. 512,1024: per square size, the Ray loop against the bare "
+                    "loop on pre-decoded targets (the data path's cost); default: the config's size range, the bare "
+                    "loop against Ray with 1 and 2 workers")
+    ap.add_argument("--window", type=int, default=None, help="train.window (px): each step trains on a window")
     ap.add_argument("--workdir", help="data and run outputs here, kept (default: a temp dir, removed)")
     args = ap.parse_args()
 
@@ -260,15 +279,32 @@ def main() -> None:
         "mlflow": mlflow.__version__, "command": sys.argv, "loadavg_at_start": loadavg()}}
 
     count = int(conf.samples.count)
-    report["data"] = make_shards(work / "data", args.rows + count, args.shards, input_size=128, hr_size=256, seed=0)
-    report["data"].update(latent=[4, 16, 16], hr=[256, 256], held_out_rows=count, training_rows=args.rows)
+    sizes = [int(v) for v in args.target_sizes.split(",") if v]
+    hr_size = max(sizes) if sizes else 256
+    report["data"] = make_shards(work / "data", args.rows + count, args.shards, input_size=128, hr_size=hr_size,
+                                 seed=0)
+    report["data"].update(latent=[4, 16, 16], hr=[hr_size, hr_size], held_out_rows=count, training_rows=args.rows)
     cfg = base_config(args, work / "data")
     train = cfg["train"]
+    if args.window:
+        train["window"] = args.window
+
+    def sized(size: int | None) -> dict:
+        if size is None:
+            return cfg
+        out = json.loads(json.dumps(cfg))
+        out["train"].update(sizes=[size, size], aspect_range=[1.0, 1.0])
+        return out
+
+    sides = ({f"{kind}_{size}": (kind, size) for size in sizes for kind in ("bare_predecoded", "ray_1worker")}
+             if sizes else {name: (name, None) for name in ("bare", "ray_1worker", "ray_2workers")})
     report["setup"] = {
         "config": str(CONFIG.relative_to(ROOT)), "preset": cfg["preset"], "steps": args.steps,
         "global_batch": args.batch_size, "steps_per_epoch_approx": args.rows // args.batch_size,
         "torch_threads_bare_and_per_worker": args.threads, "cpus_per_worker": train["cpus_per_worker"],
-        "target_sizes": {"long_side": train["sizes"], "multiple": train["multiple"], "aspect": train["aspect_range"]},
+        "target_sizes": ({"square": sizes} if sizes else
+                         {"long_side": train["sizes"], "multiple": train["multiple"], "aspect": train["aspect_range"]}),
+        "window": train.get("window"), "decode_threads": train.get("decode_threads") or "cpus_per_worker",
         "loss": cfg["loss"], "optim": cfg["optim"], "shuffle_buffer": train["shuffle_buffer"],
         "log_every": args.log_every, "bare_warmup_steps": args.log_every,
         "timed_step_indices": [args.log_every, args.steps - 1],
@@ -293,22 +329,23 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
     report["environment"]["ray_start_s"] = round(time.perf_counter() - start, 2)
 
-    runs: dict[str, list[dict]] = {"bare": [], "ray_1worker": [], "ray_2workers": []}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     report["runs"] = runs
     for r in range(args.repeats):
-        for side in runs:
+        for side, (kind, size) in sides.items():
             load = loadavg()
             print(f"[train_speed] {side} run {r} (load {load}) ...", file=sys.stderr, flush=True)
             try:
-                res = (bare_loop(cfg, args.log_every) if side == "bare" else
-                       ray_run(cfg, 1 if side == "ray_1worker" else 2, work, tracking_uri))
+                res = (bare_loop(sized(size), args.log_every, predecoded=kind == "bare_predecoded")
+                       if kind.startswith("bare") else
+                       ray_run(sized(size), 1 if kind == "ray_1worker" else 2, work, tracking_uri))
             except Exception as e:  # keep what the other sides measured
                 res = {"error": f"{type(e).__name__}: {e}"[-2000:]}
             runs[side].append({**res, "loadavg_before": load, "loadavg_after": loadavg()})
             print(f"[train_speed] {side} run {r}: {res.get('samples_per_s')} samples/s", file=sys.stderr, flush=True)
             rate = {name: best(v) for name, v in runs.items()}
             report["samples_per_s"] = rate
-            report["derived"] = derive(rate)
+            report["derived"] = derive(rate, sizes)
             out.write_text(json.dumps(report, indent=2) + "\n")  # after every run: an interrupted run keeps its data
 
     ray.shutdown()

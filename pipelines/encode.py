@@ -2,12 +2,18 @@
 
 Per sample: decode with PIL under a decompression-bomb limit (failures are skipped and counted by reason), take a
 random crop seeded by the sample key (identical on every rerun), resize it to `input_size`² for the VAE and keep
-it at high resolution (long side ≤ `hr_max_side`). CPU tasks do all of that; a class-based UDF on an actor pool
-runs the VAE encoder (one VAE load per actor; on GPU in fp16/bf16).
+it at high resolution (long side ≤ `hr_max_side`).
 
-Output: one parquet file per input .tar, under `<output>/<fingerprint>/`, written to a temporary name and renamed
-when complete, with the shard's counts in its footer. A rerun skips shards whose output exists, so a killed run
-finishes with no duplicates and nothing lost. Parquet, not webdataset, because training reads this with Ray Data:
+Work is split BY SHARD: a Ray Data actor pool (ShardEncoder, one VAE load per actor, on GPU in fp16/bf16) takes one
+input .tar at a time, streams it, decodes in a thread pool beside the VAE and writes that shard's output itself.
+The driver holds only the plan (input → output paths) and the per-shard counts: no image or latent passes through
+it, and shards finish in any order.
+
+Output: one parquet file per input .tar, under `<output>/<fingerprint>/`, with the shard's counts in its footer,
+written last: that footer is the completion marker. On a POSIX filesystem the file is written under a temporary
+name and renamed; on an object store it is written in place (an upload is visible only once complete; a rename
+there would be a copy, refused over 5 GB). A rerun skips shards that are complete, so a killed run finishes with
+no duplicates and nothing lost. Parquet, not webdataset, because training reads this with Ray Data:
 the latent is a fixed-shape tensor column (`arrow.fixed_shape_tensor`, float16) that Ray turns into one
 (N, 4, h, w) array without decoding anything, and a reader can fetch latents without the image bytes.
 
@@ -29,7 +35,7 @@ import random
 import time
 import uuid
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Optional
 
@@ -76,6 +82,7 @@ class EncodeConfig:
     num_gpus: float = 0.0  # per actor; > 0 runs the VAE on CUDA in `precision`
     precision: str = "fp16"  # on GPU: fp16 | bf16 | fp32; on CPU always fp32
     torch_threads: Optional[int] = None  # per actor; default: its CPUs
+    decode_threads: Optional[int] = None  # per actor, decoding and cropping beside the VAE; default: its CPUs
     ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})  # num_cpus: local Ray only
     grid_samples: int = 4  # crops next to their VAE decode, logged to MLflow (0: none)
     mlflow: dict = field(default_factory=lambda: {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"})
@@ -120,6 +127,9 @@ class EncodeConfig:
             raise bad("precision", f"must be one of {sorted(PRECISIONS)}")
         for key in ("batch_size", "num_actors", "max_image_pixels", "crops_per_image"):
             if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("torch_threads", "decode_threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.num_gpus < 0 or self.cpus_per_actor <= 0:
             raise bad("num_gpus" if self.num_gpus < 0 else "cpus_per_actor", "is out of range")
@@ -348,11 +358,17 @@ def output_schema(latent_shape: tuple[int, ...]) -> pa.Schema:
 
 
 class ShardWriter:
-    """One output shard: row groups streamed to a temporary file; `commit` adds the counts and renames it."""
+    """One output shard, written where it is encoded: row groups streamed out; `commit` writes the counts into the
+    footer, which is the completion marker (a file without them is not a shard: `shard_is_complete`).
+
+    On a local or shared POSIX filesystem the shard is written under a temporary name and renamed (atomic). On an
+    object store it is written in place: the upload becomes visible only when the stream closes, and a rename
+    there is a copy (S3's CopyObject refuses objects over 5 GB).
+    """
 
     def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, latent_shape: tuple[int, ...]) -> None:
         self.fs, self.path, self.schema, self.latent_shape = fs, path, schema, latent_shape
-        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
         self.sink = fs.open_output_stream(self.tmp)
         self.writer = pq.ParquetWriter(self.sink, schema)
         self.counts: Counter = Counter()
@@ -397,8 +413,34 @@ class ShardWriter:
         self.writer.add_key_value_metadata({SHARD_STATS_KEY: json.dumps(stats)})
         self.writer.close()
         self.sink.close()
-        self.fs.move(self.tmp, self.path)  # the rename is the commit: a reader never sees half a shard
+        if self.tmp != self.path:
+            self.fs.move(self.tmp, self.path)  # the rename is the commit: a reader never sees half a shard
         return stats
+
+    def abort(self) -> None:
+        """After a failure: remove what was written. (An object-store upload cannot be cancelled from pyarrow;
+        whatever it leaves has no counts in its footer, and the rerun rewrites it.)"""
+        try:
+            self.sink.close()
+            self.fs.delete_file(self.tmp)
+        except OSError as e:
+            log.warning("encode: could not remove the partial shard %s: %s", self.tmp, e)
+
+
+def renames_are_atomic(fs: pafs.FileSystem) -> bool:
+    """True on local (and shared POSIX) filesystems; object stores (s3, gcs, ...) copy on rename."""
+    return fs.type_name == "local"
+
+
+def shard_is_complete(fs: pafs.FileSystem, path: str) -> bool:
+    """The shard exists and its footer holds its counts (written last, by ShardWriter.commit)."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    try:
+        read_shard_stats(fs, path)
+    except (ValueError, OSError, pa.ArrowInvalid):
+        return False
+    return True
 
 
 def shard_stats(counts: Mapping[str, int]) -> dict:
@@ -421,10 +463,6 @@ def shard_names(paths: list[str]) -> dict[str, str]:
     if len(set(names.values())) != len(names):
         raise ValueError("input shards map to clashing output names: " + ", ".join(sorted(names)))
     return names
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def remove_partial_files(fs: pafs.FileSystem, directory: str) -> int:
@@ -459,62 +497,103 @@ def resolve_vae(cfg: EncodeConfig) -> tuple[str, tuple[int, int, int], float]:
     return source, (int(config["latent_channels"]), side, side), float(config.get("scaling_factor", 0.18215))
 
 
+def read_tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[dict]:
+    """The samples of one webdataset .tar, streamed (never the whole shard in memory): dicts of member suffix →
+    bytes plus `__key__` and `__url__` (= `path`), grouped by webdataset's own rules (key = name up to the first
+    dot, suffixes lower-cased)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with fs.open_input_stream(path) as stream:
+        yield from group_by_keys({**member, "__url__": path} for member in tar_file_iterator(stream))
+
+
+def sample_batches(samples: Iterator[dict], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Samples → columnar batches of up to `size`, as `prepare_batch` takes them (a member a sample lacks is None)."""
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield _columns(batch)
+            batch = []
+    if batch:
+        yield _columns(batch)
+
+
+def _columns(samples: list[dict]) -> dict[str, np.ndarray]:
+    names = sorted({k for sample in samples for k in sample})
+    return {k: _object_array([sample.get(k) for sample in samples]) for k in names}
+
+
+class ShardEncoder:
+    """A Ray Data actor that encodes whole input shards and writes each output shard itself.
+
+    Per shard: the .tar is streamed; batches are decoded and cropped `decode_threads` at a time in a thread pool
+    (PIL releases the GIL while it decodes, resizes and compresses), each prepared batch goes through the VAE
+    (EncodeUDF) and into the parquet writer as it comes. So the images and latents never travel to the driver,
+    and the decode overlaps the encoder. Returns one row of stats per shard.
+    """
+
+    def __init__(self, cfg: EncodeConfig, fs_in: pafs.FileSystem, fs_out: pafs.FileSystem,
+                 latent_shape: tuple[int, int, int]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cfg, self.fs_in, self.fs_out, self.latent_shape = cfg, fs_in, fs_out, latent_shape
+        self.threads = cfg.decode_threads or max(1, math.floor(cfg.cpus_per_actor))
+        self.encoder = EncodeUDF(cfg.vae, cfg.vae_subfolder, cfg.input_size, cfg.num_gpus, cfg.precision,
+                                 cfg.torch_threads or math.ceil(cfg.cpus_per_actor))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+
+    def __call__(self, plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats = [json.dumps(self.encode_shard(str(i), str(o))) for i, o in zip(plan["input"], plan["output"])]
+        return {"input": plan["input"], "stats": _object_array(stats)}
+
+    def encode_shard(self, path: str, output: str) -> dict:
+        import ray
+
+        start = time.perf_counter()
+        writer = ShardWriter(self.fs_out, output, output_schema(self.latent_shape), self.latent_shape)
+        try:
+            prepared: deque = deque()
+            for batch in sample_batches(read_tar_samples(self.fs_in, path), self.cfg.batch_size):
+                prepared.append(self.pool.submit(prepare_batch, batch, self.cfg))
+                if len(prepared) > self.threads:  # keep every decode thread busy while the VAE runs
+                    writer.add(self.encoder(prepared.popleft().result()))
+            while prepared:
+                writer.add(self.encoder(prepared.popleft().result()))
+        except BaseException:
+            writer.abort()
+            raise
+        stats = writer.commit()
+        seconds = time.perf_counter() - start
+        log.info("encode: %s → %s (%s) in %.1f s", path, output, json.dumps(stats), seconds)
+        return {**stats, "seconds": round(seconds, 3), "node": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+
+
 def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str], names: Mapping[str, str],
                   fs_out: pafs.FileSystem, out_dir: str, latent_shape: tuple[int, int, int]) -> dict[str, dict]:
-    """Run the Ray Data pipeline over `pending` shards; write each output shard as soon as it is complete."""
+    """Encode `pending` shards on an actor pool, one whole shard per call; the driver holds only the plan (input
+    and output paths) and the per-shard stats that come back."""
     import ray
 
     init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
-    # raw bytes, so that decoding errors are ours to count (one read task per .tar)
-    ds = ray.data.read_webdataset(pending, filesystem=fs_in, decoder=None, override_num_blocks=len(pending))
-    # Decode tasks reserve memory for a worker (torch is imported) plus the largest image they may hold, decoded
-    # and converted. Besides protecting nodes with many cores, this keeps Ray from fusing them into the VAE
-    # actors (it fuses only ops with equal resources): decoding runs on every free CPU, beside the encoder.
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="numpy",
-                        udf_modifying_row_count=False, memory=DECODE_WORKER_BYTES + cfg.max_image_pixels * 3 * 2)
-    ds = ds.map_batches(
-        EncodeUDF, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_gpus=cfg.num_gpus,
-        num_cpus=cfg.cpus_per_actor, batch_size=cfg.batch_size, batch_format="numpy", udf_modifying_row_count=False,
-        fn_constructor_kwargs=dict(vae=cfg.vae, subfolder=cfg.vae_subfolder, input_size=cfg.input_size,
-                                   num_gpus=cfg.num_gpus, precision=cfg.precision,
-                                   threads=cfg.torch_threads or math.ceil(cfg.cpus_per_actor)))
-    # rows arrive in input order, so a shard is complete when the next shard's first row arrives
-    ds.context.execution_options.preserve_order = True
-
-    schema = output_schema(latent_shape)
+    plan = ray.data.from_items([{"input": p, "output": f"{out_dir}/{names[p]}"} for p in pending],
+                               override_num_blocks=len(pending))
+    threads = cfg.decode_threads or max(1, math.floor(cfg.cpus_per_actor))
+    results = plan.map_batches(
+        ShardEncoder, batch_size=1, batch_format="numpy", udf_modifying_row_count=False,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus,
+        # the actor's own footprint plus the decoded images its threads may hold at once (decoded and converted)
+        memory=DECODE_WORKER_BYTES + (threads + 1) * cfg.max_image_pixels * 3 * 2,
+        fn_constructor_kwargs=dict(cfg=cfg, fs_in=fs_in, fs_out=fs_out, latent_shape=latent_shape))
     written: dict[str, dict] = {}
-    writer: Optional[ShardWriter] = None
-    current: Optional[str] = None
-    start = time.perf_counter()
-
-    def commit() -> None:
-        written[current] = writer.commit()
-        log.info("encode: %s → %s (%s) after %.1f s", current, names[current], json.dumps(written[current]),
-                 time.perf_counter() - start)
-
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for shard, rows in _runs_by_shard(batch):
-            if shard != current:
-                if writer is not None:
-                    commit()
-                if shard in written or shard not in names:
-                    raise RuntimeError(f"rows of shard {shard} arrived out of order or from an unknown input")
-                current, writer = shard, ShardWriter(fs_out, f"{out_dir}/{names[shard]}", schema, latent_shape)
-                log.info("encode: first rows of %s after %.1f s", shard, time.perf_counter() - start)
-            writer.add(rows)
-    if writer is not None:
-        commit()
-    for shard in pending:  # a .tar with no samples still gets its (empty) output shard
-        if shard not in written:
-            written[shard] = ShardWriter(fs_out, f"{out_dir}/{names[shard]}", schema, latent_shape).commit()
+    for row in results.iter_rows():  # in completion order; one small row per shard
+        written[str(row["input"])] = json.loads(row["stats"])
+    missing = sorted(set(pending) - set(written))
+    if missing:
+        raise RuntimeError(f"encode: no result for shards {missing[:5]}")
     return written
-
-
-def _runs_by_shard(batch: dict[str, np.ndarray]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    shards = batch["shard"]
-    starts = [0] + [i for i in range(1, len(shards)) if shards[i] != shards[i - 1]] + [len(shards)]
-    for a, b in zip(starts, starts[1:]):
-        yield str(shards[a]), {k: v[a:b] for k, v in batch.items()}
 
 
 def aggregate_stats(fs: pafs.FileSystem, out_dir: str, output_names: list[str]) -> dict:
@@ -543,7 +622,7 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
         return StageResult(output=out_dir, stats=read_json(fs_out, f"{out_dir}/{STATS}"), skipped=True)
     fs_out.create_dir(out_dir, recursive=True)
     remove_partial_files(fs_out, out_dir)
-    pending = [p for p in inputs if not _exists(fs_out, f"{out_dir}/{names[p]}")]
+    pending = [p for p in inputs if not shard_is_complete(fs_out, f"{out_dir}/{names[p]}")]
     log.info("encode: %d input shards, %d already encoded, output %s", len(inputs), len(inputs) - len(pending), out_dir)
 
     lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": out_dir,
@@ -562,6 +641,8 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
             shards=len(inputs), latent_shape=list(latent_shape), latent_dtype="float16", scaling_factor=scaling_factor,
             vae=cfg.vae, hr_format=cfg.hr_format, input_size=cfg.input_size,
             last_run={"shards_encoded": len(written), "shards_resumed": len(inputs) - len(pending),
+                      "writer_nodes": len({s["node"] for s in written.values()}),
+                      "writer_processes": len({(s["node"], s["pid"]) for s in written.values()}),
                       "images_in": images_run, "seconds": round(seconds, 3),
                       "images_per_s": round(images_run / seconds, 3) if seconds > 0 else None})
         write_json(fs_out, f"{out_dir}/{STATS}", stats)

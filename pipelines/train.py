@@ -88,6 +88,50 @@ def decode_targets(hr: np.ndarray, size: tuple[int, int],
     return torch.stack(out)
 
 
+class TargetPrefetcher:
+    """Step-ordered training batches with their targets decoded ahead, in background threads.
+
+    For each raw batch ({"latent", "hr"} numpy rows, from Ray Data) the step's output size and window are drawn
+    (`plan(step)`, the same on every rank) and the targets decoded and resized (`decode_targets`) on a thread
+    pool while earlier steps train: Pillow releases the GIL while it decodes and resizes, so a step does not wait
+    on images as long as the threads keep up. Up to `threads + 1` batches are in flight, yielded in step order as
+    (latents (B, C, h, w) float32, targets (B, 3, H', W') in [-1, 1], size, region).
+
+    Not a Ray Data map_batches: the target size is a property of the step (identical on every rank and on resume),
+    which a stage upstream of the trainer cannot know.
+    """
+
+    def __init__(self, batches, plan, first_step: int, last_step: int, threads: int) -> None:
+        self.batches, self.plan, self.first, self.last = batches, plan, first_step, last_step
+        self.threads = max(1, threads)
+
+    @staticmethod
+    def _prepare(batch: dict, size: tuple[int, int], region) -> tuple:
+        latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32))
+        return latents, decode_targets(batch["hr"], size, region), size, region
+
+    def __iter__(self):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        pending: deque = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="targets") as pool:
+            try:
+                step = self.first
+                for batch in self.batches:
+                    if step >= self.last:
+                        break
+                    pending.append(pool.submit(self._prepare, batch, *self.plan(step)))
+                    step += 1
+                    if len(pending) > self.threads:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # an early exit (a failure, the last step): drop what is queued
+                for future in pending:
+                    future.cancel()
+
+
 def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
     """The last `count` rows of the last shard: never trained on, decoded in every sample grid."""
     import pyarrow.parquet as pq
@@ -191,17 +235,20 @@ def train_loop(cfg: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     per_worker = train["batch_size"] // world
     progress = Progress(train["steps"], per_worker * world)
+    scale = unwrap(trainer.model).config.scale
+
+    def plan(step: int) -> tuple:
+        size = target_size_for_step(train, step)
+        return size, window_for_step(train, step, size, scale)
+
     while trainer.step < train["steps"]:
-        batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=train["shuffle_buffer"] or None)
-        for batch in batches:
-            if trainer.step >= train["steps"]:
-                break
-            size = target_size_for_step(train, trainer.step)
-            latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32)).to(device)
-            region = window_for_step(train, trainer.step, size, unwrap(trainer.model).config.scale)
-            targets = decode_targets(batch["hr"], size, region).to(device)
-            step_log = trainer.train_step(latents, targets, size=size, region=region, halo=train["window_halo"])
+        raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                 local_shuffle_buffer_size=train["shuffle_buffer"] or None)
+        batches = TargetPrefetcher(raw, plan, trainer.step, train["steps"],
+                                   train.get("decode_threads") or max(1, int(train["cpus_per_worker"])))
+        for latents, targets, size, region in batches:
+            step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
+                                          halo=train["window_halo"])
             step = trainer.step
             if train.get("fail_at_step") == step and rank == world - 1:
                 fail_once(cfg, step)
@@ -302,7 +349,7 @@ class SampleGrid:
 SECTIONS = {  # every key a training config may have; anything else is a typo that would be silently ignored
     "train": {"steps", "batch_size", "sizes", "multiple", "aspect_range", "num_workers", "use_gpu", "cpus_per_worker",
               "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
-              "sample_every", "shuffle_buffer", "seed", "fail_at_step", "window", "window_halo"},
+              "sample_every", "shuffle_buffer", "seed", "fail_at_step", "window", "window_halo", "decode_threads"},
     "samples": {"count", "sizes"},
     "holdout": set(HOLDOUT_KEYS),
     "mlflow": {"tracking_uri", "experiment", "registered_model_name"},

@@ -314,3 +314,31 @@ def test_train_job_on_two_nodes(cluster, jobs, mlflow_server, tmp_path, tiny_vae
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id, "model")} == {"model/config.json",
                                                                                 "model/model.safetensors"}
     assert [v.run_id for v in mlflow.search_model_versions("name='infgen-rehearsal'")] == [run.info.run_id]
+
+
+def test_encode_job_writes_shards_on_both_nodes(cluster, jobs, tmp_path):
+    import json
+
+    import webdataset as wds
+
+    from pipelines.sample_data import LARGE_PHOTOS, write_photos
+
+    client, env = jobs
+    write_photos(tmp_path / "photos")
+    (tmp_path / "shards").mkdir()
+    names = list(LARGE_PHOTOS)
+    for s in range(4):  # 4 shards of 2 photos
+        with wds.TarWriter(str(tmp_path / "shards" / f"{s:05d}.tar")) as tar:
+            for i, name in enumerate(names[2 * s:2 * s + 2]):
+                tar.write({"__key__": f"{s:05d}{i:04d}", "jpg": (tmp_path / "photos" / f"{name}.jpg").read_bytes()})
+    # actors of 2 CPUs on nodes of 3: one actor per node, each writing the shards it encodes
+    logs = submit_and_wait(client, [
+        "-m", "jobs.encode", "--config", "conf/data/encode.yaml", f"input={tmp_path / 'shards'}",
+        f"output={tmp_path / 'encoded'}", "input_size=128", "min_side=256", "hr_max_side=512", "num_actors=2",
+        "cpus_per_actor=2", "max_image_pixels=20000000", "batch_size=2", "mlflow.enabled=false"], env)
+    outputs = [p for p in (tmp_path / "encoded").iterdir() if (p / "_SUCCESS").exists()]
+    assert len(outputs) == 1, logs[-3000:]
+    stats = json.loads((outputs[0] / "_stats.json").read_text())
+    assert (stats["images_in"], stats["encoded"], stats["shards"]) == (8, 8, 4)
+    assert stats["last_run"]["writer_nodes"] == 2, stats
+    assert sorted(p.name for p in outputs[0].glob("*.parquet")) == [f"{s:05d}.parquet" for s in range(4)]
