@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import BinaryIO, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -178,16 +178,21 @@ class RunningStats:
         cov = (self.ss - self.n * np.outer(mu, mu)) / (self.n - 1)
         return (cov + cov.T) / 2
 
-    def to_npz(self, path: Union[str, Path]) -> Path:
-        """Save n, sums and dim (e.g. to cache reference statistics); the exact path is used."""
+    def to_npz(self, path: Union[str, Path, BinaryIO]) -> Union[Path, BinaryIO]:
+        """Save n, sums and dim (e.g. to cache reference statistics) at the exact path, or into an open binary
+        file (a buffer to upload to an object store); returns where it went."""
+        if not isinstance(path, (str, Path)):
+            np.savez(path, n=self.n, s=self.s, ss=self.ss, dim=self.dim)
+            return path
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            np.savez(f, n=self.n, s=self.s, ss=self.ss, dim=self.dim)
+            self.to_npz(f)
         return path
 
     @classmethod
-    def from_npz(cls, path: Union[str, Path]) -> "RunningStats":
+    def from_npz(cls, path: Union[str, Path, BinaryIO]) -> "RunningStats":
+        """What to_npz wrote, from a path or an open binary file."""
         with np.load(path) as z:
             stats = cls(int(z["dim"]))
             stats.n, stats.s, stats.ss = int(z["n"]), z["s"].astype(np.float64), z["ss"].astype(np.float64)

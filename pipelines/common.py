@@ -3,14 +3,16 @@ output location from inputs + config, and finishing outputs atomically (`_stats.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -82,7 +84,42 @@ def fingerprint(fs: pafs.FileSystem, paths: list[str], params: Mapping[str, Any]
 
 
 def output_root(spec: str) -> tuple[pafs.FileSystem, str]:
+    """An output location (a local path or a URI) → (filesystem, path on it; object-store paths lose the scheme)."""
     return pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(spec))
+
+
+def output_uri(spec: str, name: str) -> str:
+    """`name` inside the output location `spec` as the user wrote it: a URI keeps its scheme (s3://b/out/NAME,
+    file:///out/NAME), a local path becomes absolute. What a stage prints, returns and tags."""
+    return f"{spec.rstrip('/')}/{name}" if "://" in spec else os.path.join(os.path.abspath(spec), name)
+
+
+def uri(fs: pafs.FileSystem, path: str) -> str:
+    """A path on `fs` as a user writes it: local paths as they are, object-store paths with their scheme
+    (pyarrow's S3 path `bucket/key` → `s3://bucket/key`), so that what is printed, returned and tagged can be
+    passed to the next stage as it is."""
+    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
+
+
+@contextlib.contextmanager
+def local_files(fs: pafs.FileSystem, paths: list[str]) -> Iterator[list[str]]:
+    """Local paths for files on any filesystem, e.g. for MLflow, which logs local files: the paths themselves on
+    a local filesystem, else temporary copies, removed on exit."""
+    if renames_are_atomic(fs):  # local
+        yield list(paths)
+        return
+    with tempfile.TemporaryDirectory(prefix="infgen-") as tmp:
+        local = [os.path.join(tmp, os.path.basename(path)) for path in paths]
+        for path, target in zip(paths, local):
+            pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield local
+
+
+def renames_are_atomic(fs: pafs.FileSystem) -> bool:
+    """True on local (and shared POSIX) filesystems. Object stores (s3, gcs, ...) rename by copying, and S3's
+    CopyObject refuses objects over 5 GB; there an upload is itself atomic (visible only once complete)."""
+    return fs.type_name == "local"
 
 
 def is_complete(fs: pafs.FileSystem, directory: str) -> bool:
@@ -95,11 +132,13 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 
 
 def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    """Write JSON atomically: a temporary name, then a rename (a reader never sees half a file)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    """Write JSON atomically (a reader never sees half a file): a temporary name and a rename where renames are
+    atomic, in place on object stores, where an upload appears whole."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
     with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-    fs.move(tmp, path)
+    if tmp != path:
+        fs.move(tmp, path)
 
 
 def mark_success(fs: pafs.FileSystem, directory: str) -> None:

@@ -39,16 +39,14 @@ OpenCV reject decompression bombs from the header instead of decoding them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import re
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -56,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              read_json, resolve_files, write_json)
+                              local_files, read_json, renames_are_atomic, resolve_files, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "input": None, "output": "outputs/data/download", "url_col": "url", "caption_col": "caption",
     "save_columns": None, "max_long_side": None, "min_image_size": 1024, "max_image_pixels": 100_000_000,
-    "encode_format": "jpg", "encode_quality": 95, "number_sample_per_shard": 10000, "timeout": 10,
+    "encode_format": "jpg", "encode_quality": 95, "number_sample_per_shard": 1000, "timeout": 10,
     "retries": 1, "processes_count": 2, "thread_count": 32, "distributor": "multiprocessing",
     "retry_failed": False, "user_agent_token": None,
     "ray": {"address": None, "num_cpus": None},
@@ -162,7 +160,7 @@ def run_download(config: Any) -> StageResult:
                              "duration_s": time.time() - start,
                              **{f"failures.{k}": v for k, v in stats["failures"].items()}})
         tracker.log_dict(stats, "download_stats.json")
-        with _local_copy(out.fs, f"{out.root}/{FAILED}") as path:
+        with local_files(out.fs, [f"{out.root}/{FAILED}"]) as (path,):
             tracker.log_artifact(path)
         return StageResult(out.uri, stats, run_id=tracker.run_id)
 
@@ -440,19 +438,11 @@ def _input_names(out: _Output) -> list[str]:
 # ---- small helpers --------------------------------------------------------------------------------------------
 
 def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write atomically (a temporary name, then a rename): a killed run never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write atomically, so a killed run never leaves half a file: a temporary name and a rename where renames are
+    atomic, in place on object stores (an upload appears whole; a rename there is a copy)."""
+    tmp = f"{path}.tmp-{os.getpid()}" if renames_are_atomic(fs) else path
     pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, path)
+    if tmp != path:
+        fs.move(tmp, path)
 
 
-@contextlib.contextmanager
-def _local_copy(fs: pafs.FileSystem, path: str) -> Iterator[str]:
-    """A local path for a file on any filesystem (MLflow uploads artifacts from local files)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield path
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(path))
-        pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield local

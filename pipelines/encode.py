@@ -47,8 +47,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infgen.data import random_crop_box
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
-                              plain_config,
-                              read_json, resolve_files, write_json)
+                              output_uri, plain_config, read_json, renames_are_atomic, resolve_files, uri,
+                              write_json)
 
 log = logging.getLogger(__name__)
 
@@ -427,11 +427,6 @@ class ShardWriter:
             log.warning("encode: could not remove the partial shard %s: %s", self.tmp, e)
 
 
-def renames_are_atomic(fs: pafs.FileSystem) -> bool:
-    """True on local (and shared POSIX) filesystems; object stores (s3, gcs, ...) copy on rename."""
-    return fs.type_name == "local"
-
-
 def shard_is_complete(fs: pafs.FileSystem, path: str) -> bool:
     """The shard exists and its footer holds its counts (written last, by ShardWriter.commit)."""
     if fs.get_file_info(path).type != pafs.FileType.File:
@@ -565,7 +560,8 @@ class ShardEncoder:
             raise
         stats = writer.commit()
         seconds = time.perf_counter() - start
-        log.info("encode: %s → %s (%s) in %.1f s", path, output, json.dumps(stats), seconds)
+        log.info("encode: %s → %s (%s) in %.1f s", uri(self.fs_in, path), uri(self.fs_out, output),
+                 json.dumps(stats), seconds)
         return {**stats, "seconds": round(seconds, 3), "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid()}
 
@@ -616,16 +612,17 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
     names = shard_names(inputs)
     vae_source, latent_shape, scaling_factor = resolve_vae(cfg)
     fs_out, root = output_root(cfg.output)
-    out_dir = f"{root.rstrip('/')}/{fingerprint(fs_in, inputs, cfg.output_params(vae_source))}"
+    out_dir = f"{root.rstrip('/')}/{fingerprint(fs_in, inputs, cfg.output_params(vae_source))}"  # a path on fs_out
+    where = output_uri(cfg.output, os.path.basename(out_dir))  # what people and the next stage see: with its scheme
     if is_complete(fs_out, out_dir):
-        log.info("encode: %s is complete, nothing to do", out_dir)
-        return StageResult(output=out_dir, stats=read_json(fs_out, f"{out_dir}/{STATS}"), skipped=True)
+        log.info("encode: %s is complete, nothing to do", where)
+        return StageResult(output=where, stats=read_json(fs_out, f"{out_dir}/{STATS}"), skipped=True)
     fs_out.create_dir(out_dir, recursive=True)
     remove_partial_files(fs_out, out_dir)
     pending = [p for p in inputs if not shard_is_complete(fs_out, f"{out_dir}/{names[p]}")]
-    log.info("encode: %d input shards, %d already encoded, output %s", len(inputs), len(inputs) - len(pending), out_dir)
+    log.info("encode: %d input shards, %d already encoded, output %s", len(inputs), len(inputs) - len(pending), where)
 
-    lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": out_dir,
+    lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": where,
                "infgen.fingerprint": os.path.basename(out_dir), "infgen.config_hash": config_hash(asdict(cfg))}
     tracker = (Tracker(cfg.mlflow["tracking_uri"], cfg.mlflow["experiment"], run_name="encode", tags=lineage)
                if cfg.mlflow["enabled"] else None)
@@ -649,7 +646,7 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
         mark_success(fs_out, out_dir)
         if tracker:
             log_to_mlflow(tracker, cfg, stats, fs_out, out_dir, [names[p] for p in inputs])
-    return StageResult(output=out_dir, stats=stats, run_id=tracker.run_id if tracker else None)
+    return StageResult(output=where, stats=stats, run_id=tracker.run_id if tracker else None)
 
 
 # ---- MLflow --------------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ Reference statistics (the ground truth or the reference images at each resolutio
 the selection, the patch protocol, the resolution and the extractor: they are cached under that hash and reused
 by the next evaluation of another model on the same data.
 
+`data` (encoded shards), `output` and `reference_cache` are local paths or URIs (s3://, gs://, ...), read and
+written through pyarrow filesystems; `model`, `reference`, latent files and `holdout.urls` are local (or mounted).
+
 Output, under `<output>/<fingerprint>/`: results.csv / results.json (one row per decoder and resolution,
 with the protocol), per_image.csv, metrics_vs_resolution.png, crops_<R>.png; all logged to one MLflow run.
 """
@@ -31,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -52,7 +54,8 @@ from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 
 from pipelines.common import (Holdout, StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success,
-                              output_root, plain_config, read_json, resolve_files, write_json)
+                              local_files, output_root, output_uri, plain_config, read_json, remove_dir,
+                              renames_are_atomic, resolve_files, uri, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -65,9 +68,9 @@ WORKER_DEFAULTS = {"num_actors": 1, "num_gpus": 0.0, "cpus_per_actor": 1.0, "tor
 
 @dataclass
 class EvalConfig:
-    model: Optional[str]  # exported model dir, training checkpoint dir (state.pt), runs:/ or models:/ URI
-    data: str  # encoded parquet shards, or a directory of latent files (see data_kind)
-    output: str  # results under <output>/<fingerprint>/
+    model: Optional[str]  # local exported model dir, training checkpoint dir (state.pt), runs:/ or models:/ URI
+    data: str  # encoded parquet shards (a path or URI), or a local directory of latent files (see data_kind)
+    output: str  # results under <output>/<fingerprint>/ (a path or URI)
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples (encoded rows, smallest key hash) or latent files
@@ -96,7 +99,7 @@ class EvalConfig:
     lpips_net: str = "alex"
     lpips_weights: Optional[str] = None  # a torchvision state dict of the backbone; default: torchvision's cache
     grid: dict = field(default_factory=lambda: {"count": 4, "crop": 256})
-    reference_cache: Optional[str] = None  # default <output>/reference_stats
+    reference_cache: Optional[str] = None  # a path or URI; default <output>/reference_stats
     workers: dict = field(default_factory=lambda: dict(WORKER_DEFAULTS))
     ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})
     mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "infgen-eval"})
@@ -306,6 +309,11 @@ def plan(cfg: EvalConfig) -> Plan:
     if cfg.data_kind == "encoded":
         return plan_encoded(cfg, chunk_rows)
     fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES)
+    ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
+    for spec, where in ((cfg.data, fs), (cfg.reference, ref_fs)):
+        if where.type_name != "local":  # infgen.io.load_latents and PIL read paths
+            raise ValueError(f"{spec}: data_kind=latents reads latent files and reference images from a local (or "
+                             f"mounted) filesystem only; copy them there, or evaluate encoded shards")
     paths = paths[:cfg.limit] if cfg.limit else paths
     first = load_latents(paths[0])  # fail fast on a bad file; every worker checks its own files too
     channels = expected_latent_channels(cfg)
@@ -315,7 +323,6 @@ def plan(cfg: EvalConfig) -> Plan:
     root = cfg.data if os.path.isdir(cfg.data) else os.path.dirname(paths[0])
     units = [{"kind": "latents", "path": p, "key": os.path.relpath(p, root), "chunk_rows": chunk_rows}
              for p in paths]
-    _, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
     step = cfg.workers["reference_chunk"]
     reference_units = [{"kind": "reference", "paths": ref_paths[i:i + step]} for i in range(0, len(ref_paths), step)]
     grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid["count"]]]
@@ -340,7 +347,7 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
             parquet = pq.ParquetFile(f)
             missing = {"key", "latent", "hr", "url"} - set(parquet.schema_arrow.names)
             if missing:
-                raise ValueError(f"{path}: not an encode-stage shard (missing columns {sorted(missing)})")
+                raise ValueError(f"{uri(fs, path)}: not an encode-stage shard (missing columns {sorted(missing)})")
             for g in range(parquet.num_row_groups):
                 groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
     holdout = Holdout.from_config(cfg.holdout)
@@ -352,11 +359,10 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
         raise ValueError(f"data {cfg.data}: the shards hold no rows"
                          + (f" held out by holdout ({holdout.describe()})" if holdout else ""))
     selected = {k for _, k in (keys[:cfg.limit] if cfg.limit else keys)}
-    uri = (lambda p: f"{fs.type_name}://{p}") if fs.type_name != "local" else (lambda p: f"file://{p}")
     units = []  # at most chunk_rows samples each: many small units keep every actor busy to the end
     for path, g, ks in groups:
         chosen = [k for k in ks if k in selected]
-        units += [{"kind": "encoded", "uri": uri(path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
+        units += [{"kind": "encoded", "uri": uri(fs, path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
                    "keys": chosen[i:i + chunk_rows]} for i in range(0, len(chosen), chunk_rows)]
     grid_keys = [k for _, k in keys if k in selected][:cfg.grid["count"]]
     return Plan(units, paths, fs, len(selected), grid_keys)
@@ -365,41 +371,75 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
 # ---- reference statistics cache -----------------------------------------------------------------------------
 
 
-def reference_cache_path(cfg: EvalConfig, res: int, data_fp: str) -> str:
-    """The cache file of the reference statistics at `res`: a hash of what they depend on, nothing else."""
+REFERENCE_DONE = "counts.json"  # written last: a cache entry without it is absent
+
+
+def reference_cache_root(cfg: EvalConfig) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and directory of the reference statistics cache (`reference_cache`, a local path or a URI;
+    default `<output>/reference_stats`)."""
+    return output_root(cfg.reference_cache or f"{cfg.output.rstrip('/')}/reference_stats")
+
+
+def reference_cache_path(cfg: EvalConfig, root: str, res: int, data_fp: str) -> str:
+    """The cache entry (a directory under `root`) of the reference statistics at `res`: a hash of what they
+    depend on, nothing else."""
     key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.protocol.to_dict(),
            "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples,
            "upsample_truth": cfg.upsample_truth}
-    root = cfg.reference_cache or os.path.join(cfg.output, "reference_stats")
-    return os.path.join(root, f"ref_{res}_{config_hash(key)}")
+    return f"{root.rstrip('/')}/ref_{res}_{config_hash(key)}"
 
 
-def save_reference(path: str, stats: dict[str, RunningStats], sample: Optional[FeatureSample],
+def reference_is_cached(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(f"{path}/{REFERENCE_DONE}").type == pafs.FileType.File
+
+
+def save_reference(fs: pafs.FileSystem, path: str, stats: dict[str, RunningStats], sample: Optional[FeatureSample],
                    counts: dict) -> None:
-    """Write the cache entry `path`, a directory (one RunningStats npz per feature, the sample, the counts),
-    into a temporary directory renamed at the end: a reader never sees half an entry."""
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write the cache entry `path`: one RunningStats npz per feature, the sample, then counts.json, so a reader
+    never takes half an entry for one. Where renames are atomic, into a temporary directory renamed at the end;
+    on object stores in place (a rerun overwrites what a crashed one left: the same key gives the same files).
+    An entry another evaluation completed first is kept."""
+    if reference_is_cached(fs, path):
+        return
+    atomic = renames_are_atomic(fs)
+    target = f"{path}.tmp-{os.getpid()}" if atomic else path
+    if atomic:
+        remove_dir(fs, target)
+    fs.create_dir(target, recursive=True)
     for name, s in stats.items():
-        s.to_npz(tmp / f"{name}.npz")
+        _write_bytes(fs, f"{target}/{name}.npz", s.to_npz(io.BytesIO()).getvalue())
     if sample is not None and len(sample):
-        np.savez(tmp / "sample.npz", features=sample.features, priorities=sample.priorities, capacity=sample.capacity)
-    (tmp / "counts.json").write_text(json.dumps(counts))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another evaluation cached the same entry first
-        shutil.rmtree(tmp)
+        buffer = io.BytesIO()
+        np.savez(buffer, features=sample.features, priorities=sample.priorities, capacity=sample.capacity)
+        _write_bytes(fs, f"{target}/sample.npz", buffer.getvalue())
+    write_json(fs, f"{target}/{REFERENCE_DONE}", counts)
+    if atomic:
+        try:
+            fs.move(target, path)
+        except OSError:  # another evaluation cached the same entry first
+            fs.delete_dir(target)
 
 
-def load_reference(path: str) -> tuple[dict[str, RunningStats], Optional[FeatureSample], dict]:
-    path = Path(path)
-    stats = {f: RunningStats.from_npz(path / f"{f}.npz") for f in FEATURES if (path / f"{f}.npz").is_file()}
+def load_reference(fs: pafs.FileSystem, path: str) -> tuple[dict[str, RunningStats], Optional[FeatureSample], dict]:
+    """A complete cache entry written by save_reference."""
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    stats = {f: RunningStats.from_npz(_read_buffer(fs, f"{path}/{f}.npz")) for f in FEATURES if f"{f}.npz" in names}
     sample = None
-    if (path / "sample.npz").is_file():
-        with np.load(path / "sample.npz") as z:
+    if "sample.npz" in names:
+        with np.load(_read_buffer(fs, f"{path}/sample.npz")) as z:
             sample = FeatureSample(int(z["capacity"])).add(z["features"], z["priorities"])
-    return stats, sample, json.loads((path / "counts.json").read_text())
+    return stats, sample, read_json(fs, f"{path}/{REFERENCE_DONE}")
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _read_buffer(fs: pafs.FileSystem, path: str) -> io.BytesIO:
+    """A whole (small) file in memory: np.load needs a seekable file."""
+    with fs.open_input_stream(path) as f:
+        return io.BytesIO(f.read())
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------
@@ -424,18 +464,20 @@ def run_evaluate(config: Any) -> StageResult:
     fp = config_hash({"data": data_fp, "params": params,
                       "model": [(f.name, file_digest(f)) for f in model_files]})  # content: a re-export is the same model
     fs, root = output_root(cfg.output)
-    out_dir = f"{root}/{fp}"
+    out_dir = f"{root.rstrip('/')}/{fp}"  # a path on fs
+    where = output_uri(cfg.output, fp)  # what people and the next stage see: with its scheme
     if is_complete(fs, out_dir):
-        print(f"[evaluate] complete output found, nothing to do: {out_dir}", flush=True)
-        return StageResult(out_dir, read_json(fs, f"{out_dir}/results.json"), skipped=True)
+        print(f"[evaluate] complete output found, nothing to do: {where}", flush=True)
+        return StageResult(where, read_json(fs, f"{out_dir}/results.json"), skipped=True)
 
     lpips_note = lpips_status(cfg)
-    cache = {res: reference_cache_path(cfg, res, data_fp) for res in cfg.resolutions}
-    cached = all(os.path.isdir(path) for path in cache.values())
+    cache_fs, cache_root = reference_cache_root(cfg)
+    cache = {res: reference_cache_path(cfg, cache_root, res, data_fp) for res in cfg.resolutions}
+    cached = all(reference_is_cached(cache_fs, path) for path in cache.values())
     print(f"[evaluate] {p.samples} samples in {len(p.units)} units, resolutions {cfg.resolutions}, decoders "
           f"{cfg.decoders}; reference statistics {'cached' if cached else 'computed in this run'}", flush=True)
 
-    lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": out_dir,
+    lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": where,
                "infgen.model": str(cfg.model), "infgen.config_hash": config_hash(params)}
     with Tracker(cfg.mlflow.get("tracking_uri"), cfg.mlflow.get("experiment", "infgen-eval"), cfg.name,
                  tags=lineage) as tracker:
@@ -451,22 +493,23 @@ def run_evaluate(config: Any) -> StageResult:
                       desc="evaluate", unit="unit", mininterval=2):
             pass
 
-        rows, summary = collect(cfg, actors, cache, cached)
-        out, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, time.time() - start)
+        rows, summary = collect(cfg, actors, cache_fs, cache, cached)
+        out, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, cached, time.time() - start)
         for row in rows:
             tracker.log_metrics({f"{m}/{row['decoder']}": row[m] for m in METRICS if row.get(m) is not None},
                                 step=row["resolution"])
             tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
                                  for m in METRICS if row.get(m) is not None})
         tracker.log_metrics({"eval_seconds": time.time() - start, "samples": p.samples})
-        for name in out:
-            tracker.log_artifact(f"{out_dir}/{name}", "evaluation")
+        with local_files(fs, [f"{out_dir}/{name}" for name in out]) as paths:
+            for path in paths:
+                tracker.log_artifact(path, "evaluation")
         for actor in actors:
             ray.kill(actor)
         mark_success(fs, out_dir)
         print_table(rows)
-        print(f"[evaluate] results: {out_dir}  (MLflow run {tracker.run_id})", flush=True)
-        return StageResult(out_dir, results, run_id=tracker.run_id)
+        print(f"[evaluate] results: {where}  (MLflow run {tracker.run_id})", flush=True)
+        return StageResult(where, results, run_id=tracker.run_id)
 
 
 def file_digest(path: Path) -> str:
@@ -489,8 +532,11 @@ def lpips_status(cfg: EvalConfig) -> str:
         return f"not reported: {e}"
 
 
-def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) -> tuple[list[dict], dict]:
-    """Merge the actors' statistics one at a time into the table rows (one per decoder and resolution)."""
+def collect(cfg: EvalConfig, actors: list, cache_fs: pafs.FileSystem, cache: dict[int, str],
+            cached: bool) -> tuple[list[dict], dict]:
+    """Merge the actors' statistics one at a time into the table rows (one per decoder and resolution); the
+    reference statistics come from the cache entries `cache` (per resolution, on cache_fs) when `cached`, else
+    from the actors, and are saved there."""
     import ray
 
     counts: dict[tuple, dict] = {}
@@ -508,13 +554,13 @@ def collect(cfg: EvalConfig, actors: list, cache: dict[int, str], cached: bool) 
     rows = []
     for res in cfg.resolutions:
         if cached:
-            ref_stats, ref_sample, ref_counts = load_reference(cache[res])
+            ref_stats, ref_sample, ref_counts = load_reference(cache_fs, cache[res])
         else:
             ref_stats = {f: merged("stats", (REFERENCE, res, f)) for f in FEATURES}
             ref_stats = {f: s for f, s in ref_stats.items() if s is not None}
             ref_sample = merged("sample", (REFERENCE, res))
             ref_counts = counts.get((REFERENCE, res), {})
-            save_reference(cache[res], ref_stats, ref_sample, ref_counts)
+            save_reference(cache_fs, cache[res], ref_stats, ref_sample, ref_counts)
         for decoder in cfg.decoders:
             c = counts.get((decoder, res))
             if not c:
@@ -569,7 +615,7 @@ def reconstruction_means(per_image: list[dict], decoder: str, res: int) -> dict:
 
 
 def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list[dict], summary: dict, p: Plan,
-                  lpips_note: str, seconds: float) -> tuple[list[str], dict]:
+                  lpips_note: str, reference_cached: bool, seconds: float) -> tuple[list[str], dict]:
     """results.csv/json, per_image.csv, metrics_vs_resolution.png, crops_<R>.png; returns their names and the
     content of results.json."""
     fs.create_dir(out_dir, recursive=True)
@@ -579,20 +625,18 @@ def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list
         "resolutions": cfg.resolutions, "decoders": cfg.decoders, "model": cfg.model, "data": cfg.data,
         "data_kind": cfg.data_kind, "samples": p.samples, "reference_files": len(p.reference_files),
         "broken_reference_images": int(summary["counts"].get((REFERENCE, 0), {}).get("broken", 0)),
-        "seconds": seconds, "definitions": DEFINITIONS}
+        "reference_cached": reference_cached, "seconds": seconds, "definitions": DEFINITIONS}
     write_json(fs, f"{out_dir}/results.json", results)
     columns = ["decoder", "resolution", *METRICS, "images", "patches", "skipped_small", "reference_images",
                "reference_patches", "truth_upsampled", "truth_skipped"]
     _write_csv(fs, f"{out_dir}/results.csv", rows, columns)
     _write_csv(fs, f"{out_dir}/per_image.csv", summary["per_image"],
                ["key", "decoder", "resolution", "height", "width", "psnr", "ssim", "lpips"])
-    with fs.open_output_stream(f"{out_dir}/metrics_vs_resolution.png") as f:
-        f.write(plot_metrics(rows, cfg.decoders))
+    _write_bytes(fs, f"{out_dir}/metrics_vs_resolution.png", plot_metrics(rows, cfg.decoders))
     for res in cfg.resolutions:
         png = crop_grid(summary["crops"], p.grid_keys, res, cfg.decoders)
         if png:
-            with fs.open_output_stream(f"{out_dir}/crops_{res}.png") as f:
-                f.write(png)
+            _write_bytes(fs, f"{out_dir}/crops_{res}.png", png)
             names.append(f"crops_{res}.png")
     return names, results
 
@@ -616,8 +660,7 @@ def _write_csv(fs: pafs.FileSystem, path: str, rows: list[dict], columns: list[s
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    with fs.open_output_stream(path) as f:
-        f.write(buffer.getvalue().encode())
+    _write_bytes(fs, path, buffer.getvalue().encode())
 
 
 def plot_metrics(rows: list[dict], decoders: list[str]) -> bytes:

@@ -43,7 +43,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              output_root, read_json, remove_dir, resolve_files, write_json)
+                              output_root, output_uri, read_json, remove_dir, renames_are_atomic, resolve_files,
+                              write_json)
 
 
 FORMAT_VERSION = 1  # bump when the output changes for the same inputs and parameters (new fingerprint)
@@ -389,19 +390,12 @@ def finalize_batch(batch: pa.Table, losers_ref: list, cap: Optional[np.ndarray],
 # ---- the stage --------------------------------------------------------------------------------------------
 
 def _publish(fs: pafs.FileSystem, tmp: str, final: str) -> None:
-    """Rename the finished temporary directory into place (atomic on local and HDFS filesystems). Object
-    stores cannot rename a directory: there, files move one by one and `_SUCCESS` last."""
+    """Rename the finished temporary directory into place (atomic on local filesystems), replacing an old output
+    only once the new one is complete."""
     old = f"{final}.old-{uuid.uuid4().hex[:8]}"
     if fs.get_file_info(final).type == pafs.FileType.Directory:
         fs.move(final, old)  # overwrite: keep the old output until the new one is in place
-    try:
-        fs.move(tmp, final)
-    except (NotImplementedError, OSError):
-        fs.create_dir(final)
-        infos = fs.get_file_info(pafs.FileSelector(tmp))
-        for info in sorted(infos, key=lambda i: i.base_name == "_SUCCESS"):
-            fs.move(info.path, f"{final}/{info.base_name}")
-        fs.delete_dir(tmp)
+    fs.move(tmp, final)
     remove_dir(fs, old)
 
 
@@ -508,7 +502,7 @@ def run_filter(config: Any) -> StageResult:
     fp = fingerprint(fs, paths, {"stage": "filter", "format": FORMAT_VERSION, **params})
     out_fs, root = output_root(str(config["output"]))
     final = f"{root.rstrip('/')}/{fp}"  # a path on out_fs
-    where = f"{str(config['output']).rstrip('/')}/{fp}" if "://" in str(config["output"]) else final  # for people
+    where = output_uri(str(config["output"]), fp)  # for people and the next stage: with its scheme
     if is_complete(out_fs, final) and not config.get("overwrite"):
         print(f"filter: {where} is complete for these inputs and parameters; nothing to do (overwrite=true redoes it)")
         return StageResult(output=where, stats=read_json(out_fs, f"{final}/{STATS}"), skipped=True)
@@ -527,7 +521,12 @@ def run_filter(config: Any) -> StageResult:
     del slim
     t_decide = time.perf_counter()
 
-    tmp = f"{root.rstrip('/')}/.tmp-{fp}-{uuid.uuid4().hex[:8]}"  # next to the final directory: same filesystem
+    # where renames are atomic: a temporary directory beside the final one, renamed when complete; on object
+    # stores (a rename is a copy of every object): in place, `_SUCCESS` last, after what an earlier run left
+    atomic = renames_are_atomic(out_fs)
+    tmp = f"{root.rstrip('/')}/.tmp-{fp}-{uuid.uuid4().hex[:8]}" if atomic else final
+    if not atomic:
+        remove_dir(out_fs, final)
     out_fs.create_dir(tmp)
     try:
         files, written = _write(survivors, losers, cap, params["seed"], out_fs, tmp)
@@ -542,7 +541,8 @@ def run_filter(config: Any) -> StageResult:
                              "decide": round(t_decide - t_read, 3), "write": round(time.perf_counter() - t_decide, 3)}}
         write_json(out_fs, f"{tmp}/{STATS}", stats)
         mark_success(out_fs, tmp)
-        _publish(out_fs, tmp, final)
+        if atomic:
+            _publish(out_fs, tmp, final)
     except BaseException:
         remove_dir(out_fs, tmp)
         raise

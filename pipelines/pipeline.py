@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from pipelines.common import init_ray, plain_config
+from pipelines.common import init_ray, local_files, output_root, plain_config
 from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
 
 STAGES = ("filter", "download", "encode", "train", "evaluate")
@@ -104,6 +104,8 @@ def run_pipeline(config: Any, input_uri: Optional[str] = None) -> PipelineResult
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)
         if "evaluate" in result.stages:
-            parent.log_artifact(f"{result.stages['evaluate'].output}/results.csv", "evaluation")
-            parent.log_artifact(f"{result.stages['evaluate'].output}/metrics_vs_resolution.png", "evaluation")
+            fs, directory = output_root(result.stages["evaluate"].output)
+            with local_files(fs, [f"{directory}/results.csv", f"{directory}/metrics_vs_resolution.png"]) as paths:
+                for path in paths:
+                    parent.log_artifact(path, "evaluation")
     return result

@@ -7,6 +7,16 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipelines.services import free_port  # noqa: E402
+
+# Object-store tests talk to a local S3-API server (the `s3` fixture), never to a real account: every process of
+# the session (Ray workers, subprocesses) inherits these, and pyarrow, boto3 and s3fs all read AWS_ENDPOINT_URL.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+
 from infgen.data import photo_pairs  # noqa: E402
 from infgen.images import shipped_photos  # noqa: E402
 from infgen.vae import load_vae  # noqa: E402
@@ -57,3 +67,21 @@ def mlflow_server(tmp_path_factory):
 
     with serve(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-API server (moto) on 127.0.0.1, where AWS_ENDPOINT_URL points; yields `bucket(name)`, which
+    creates a bucket and returns its s3:// URI."""
+    import boto3
+
+    from pipelines.services import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3"), int(S3_ENDPOINT.rsplit(":", 1)[1])):
+        client = boto3.client("s3")
+
+        def bucket(name: str) -> str:
+            client.create_bucket(Bucket=name)
+            return f"s3://{name}"
+
+        yield bucket

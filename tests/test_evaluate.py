@@ -186,6 +186,48 @@ def test_reconstruction_on_ray_writes_table_plots_and_mlflow(ray_local, model_di
     assert row["fidp"] == pytest.approx(rows[("vae_bicubic", 256)]["fidp"], rel=1e-6)
 
 
+def test_evaluate_on_s3(ray_local, model_dir, encoded, tmp_path, mlflow_server, s3, capsys):
+    """Shards, output and reference cache on an object store (a local S3-API server): the results land there
+    with their s3:// URI, MLflow gets the artifacts, nothing is written to a local folder named `s3:`, and a
+    second evaluation reads the reference statistics from the cache on S3."""
+    import pyarrow.fs as pafs
+
+    bucket = s3("infgen-eval")
+    pafs.copy_files(str(encoded), f"{bucket}/encoded")
+    run = lambda output: run_evaluate(eval_config(
+        model_dir, f"{bucket}/encoded", f"{bucket}/{output}", mlflow_server, limit=4, resolutions=[128],
+        decoders=["infgen", "vae_bicubic"], reference_cache=f"{bucket}/reference_stats", workers={"num_actors": 1}))
+
+    result = run("eval")
+    assert result.output.startswith(f"{bucket}/eval/") and not result.skipped
+    fs, out = pafs.FileSystem.from_uri(result.output)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(out))}
+    assert {"results.json", "results.csv", "per_image.csv", "metrics_vs_resolution.png", "crops_128.png",
+            "_SUCCESS"} <= names
+    with fs.open_input_stream(f"{out}/results.json") as f:
+        results = json.loads(f.read())
+    assert results["samples"] == 4 and not results["reference_cached"]
+    assert {(r["decoder"], r["resolution"]) for r in results["rows"]} == {("infgen", 128), ("vae_bicubic", 128)}
+    cache = fs.get_file_info(pafs.FileSelector("infgen-eval/reference_stats", recursive=True))
+    assert {i.base_name for i in cache} >= {"counts.json", "patch_pool.npz", "sample.npz"}
+    assert "computed in this run" in capsys.readouterr().out
+
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).data.tags["infgen.output"] == result.output
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert {"evaluation/results.json", "evaluation/crops_128.png"} <= artifacts
+    assert run("eval").skipped
+
+    again = run("eval-again")  # another output, the same data: the reference statistics come from the cache
+    assert again.output.startswith(f"{bucket}/eval-again/") and again.stats["reference_cached"]
+    assert "reference statistics cached" in capsys.readouterr().out
+    row = next(r for r in again.stats["rows"] if r["decoder"] == "vae_bicubic")
+    first = next(r for r in results["rows"] if r["decoder"] == "vae_bicubic")
+    assert row["fidp"] == pytest.approx(first["fidp"], rel=1e-6)
+    # os.path / Path on a URI would have written a local folder named "s3:"
+    assert not (Path.cwd() / "s3:").exists() and not list(tmp_path.rglob("s3:"))
+
+
 def test_generation_from_latent_files_against_reference_images(ray_local, model_dir, pairs, photos, tmp_path):
     latents, _ = pairs
     directory = tmp_path / "latents"
