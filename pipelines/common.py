@@ -48,7 +48,22 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        # with the dashboard (on loopback): Ray's State API needs it, and Ray Train's placement-group cleaner
+        # otherwise warns on every check that it cannot query the controller (hundreds of lines per run)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and per-execution banners off (they travel with each dataset to the actors that
+    run it): in a job's log they are thousands of redrawn lines that bury the stage's own progress. INFGEN_VERBOSE=1
+    keeps them."""
+    import ray.data
+
+    verbose = os.environ.get("INFGEN_VERBOSE") == "1"
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
 
 
 def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet") -> tuple[pafs.FileSystem, list[str]]:

@@ -542,6 +542,13 @@ class ShardEncoder:
         stats = [json.dumps(self.encode_shard(str(i), str(o))) for i, o in zip(plan["input"], plan["output"])]
         return {"input": plan["input"], "stats": _object_array(stats)}
 
+    def encode_rows(self, rows: dict[str, np.ndarray], writer: "ShardWriter") -> None:
+        """Prepared rows → VAE → writer, `batch_size` rows at a time: with crops_per_image = k, a batch of samples
+        is k× as many rows, and the VAE's activations grow with its batch."""
+        step = self.cfg.batch_size
+        for i in range(0, len(rows["key"]), step):
+            writer.add(self.encoder({k: v[i:i + step] for k, v in rows.items()}))
+
     def encode_shard(self, path: str, output: str) -> dict:
         import ray
 
@@ -552,9 +559,9 @@ class ShardEncoder:
             for batch in sample_batches(read_tar_samples(self.fs_in, path), self.cfg.batch_size):
                 prepared.append(self.pool.submit(prepare_batch, batch, self.cfg))
                 if len(prepared) > self.threads:  # keep every decode thread busy while the VAE runs
-                    writer.add(self.encoder(prepared.popleft().result()))
+                    self.encode_rows(prepared.popleft().result(), writer)
             while prepared:
-                writer.add(self.encoder(prepared.popleft().result()))
+                self.encode_rows(prepared.popleft().result(), writer)
         except BaseException:
             writer.abort()
             raise

@@ -197,6 +197,10 @@ def train_loop(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg["train"]
     device = ray.train.torch.get_device()
+    if not cfg.get("verbose"):
+        # libraries' INFO lines off on the workers: Ray Train logs a "Reporting training result" per report through
+        # a logger named by its file path, which its own LoggingConfig level does not reach
+        logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(train.get("threads_per_worker") or 1)))
 
     torch.manual_seed(train["seed"])  # the same initial weights (and LPIPS network) on every rank
@@ -314,7 +318,7 @@ class SampleGrid:
     def __init__(self, cfg: Mapping[str, Any], device: torch.device) -> None:
         samples = cfg["samples"]
         self.sizes = [tuple(s) for s in samples["sizes"]]
-        self.latents = torch.from_numpy(np.asarray(samples["latents"], dtype=np.float32))
+        self.latents = torch.tensor(np.asarray(samples["latents"], dtype=np.float32))  # a copy: Ray's is read-only
         self.hr = samples["hr"]
         self.device = device
         vae = load_vae(cfg["vae"])
@@ -402,6 +406,9 @@ def run_train(config: Any) -> TrainResult:
         raise ValueError(f"train.batch_size {train['batch_size']} is not divisible by train.num_workers "
                          f"{train['num_workers']}")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # workers' print() straight to their stdout, once: Ray Train's print patch would also echo each line through
+    # its logger (every progress line twice); Ray Train propagates this variable to the workers
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
 
     fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
@@ -417,6 +424,7 @@ def run_train(config: Any) -> TrainResult:
 
     storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
     loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
+                "verbose": os.environ.get("INFGEN_VERBOSE") == "1",  # Ray's and the libraries' INFO lines
                 "params": {k: v for k, v in cfg.items() if k not in ("ray",)},
                 "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
                 "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
@@ -431,6 +439,8 @@ def run_train(config: Any) -> TrainResult:
             resources_per_worker={"CPU": train["cpus_per_worker"], **({"GPU": 1} if train["use_gpu"] else {})}),
         run_config=ray.train.RunConfig(
             name=cfg["name"], storage_path=storage,
+            # Ray Train's own INFO lines only with INFGEN_VERBOSE=1
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if loop_cfg["verbose"] else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=train["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train["keep_checkpoints"])))
     result = trainer.fit()

@@ -331,7 +331,10 @@ def test_encode_job_writes_shards_on_both_nodes(cluster, jobs, tmp_path):
         with wds.TarWriter(str(tmp_path / "shards" / f"{s:05d}.tar")) as tar:
             for i, name in enumerate(names[2 * s:2 * s + 2]):
                 tar.write({"__key__": f"{s:05d}{i:04d}", "jpg": (tmp_path / "photos" / f"{name}.jpg").read_bytes()})
-    # actors of 2 CPUs on nodes of 3: one actor per node, each writing the shards it encodes
+    # actors of 2 CPUs on nodes of 3: one actor per node, each writing the shards it encodes. Ray Data starts an
+    # actor pool's actors asynchronously by default, so on a busy machine one actor could take every shard before
+    # the other is up: wait for both (Ray Data's own setting), so the test does not depend on timing
+    env = {**env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
     logs = submit_and_wait(client, [
         "-m", "jobs.encode", "--config", "conf/data/encode.yaml", f"input={tmp_path / 'shards'}",
         f"output={tmp_path / 'encoded'}", "input_size=128", "min_side=256", "hr_max_side=512", "num_actors=2",

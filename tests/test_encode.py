@@ -288,3 +288,21 @@ def test_several_crops_per_image_each_keyed_and_seeded(photo_dir):
     assert len(boxes) == 3  # three different crops ...
     again = prepare_batch(batch, cfg)
     assert [tuple(b) for b in again["crop_box"]] == [tuple(b) for b in out["crop_box"]]  # ... the same on a rerun
+
+
+def test_an_actor_encodes_a_whole_shard_in_vae_batches_of_batch_size(photo_dir, shards, tiny_vae, tmp_path):
+    """ShardEncoder, as one Ray Data actor runs it (here in this process): a shard of samples with 3 crops each goes
+    to the VAE `batch_size` rows at a time (its activations grow with the batch), and every crop is written."""
+    from pipelines.encode import ShardEncoder
+
+    directory, _ = shards
+    cfg = EncodeConfig.from_mapping(config(directory, tmp_path, crops_per_image=3, batch_size=2))
+    _, shape, _ = resolve_vae(cfg)
+    actor = ShardEncoder(cfg, pafs.LocalFileSystem(), pafs.LocalFileSystem(), shape)
+    seen = []
+    encode = actor.encoder
+    actor.encoder = lambda rows: seen.append(len(rows["key"])) or encode(rows)
+    stats = actor.encode_shard(str(directory / "00000.tar"), str(tmp_path / "00000.parquet"))
+    assert max(seen) <= 2 and sum(seen) == 3 * 3 + 2  # 3 good samples × 3 crops, 2 broken ones a row each
+    assert (stats["images_in"], stats["encoded"]) == (5, 9)
+    assert pq.read_table(tmp_path / "00000.parquet").num_rows == 9

@@ -119,3 +119,15 @@ def test_filter_download_encode_on_s3(ray_local, s3, tmp_path, tiny_vae, monkeyp
                       "sizes": [64, 128], "num_workers": 1})
     trained = run_train(cfg)
     assert trained.metrics["step"] == 2 and Path(trained.model_dir, "model.safetensors").is_file()
+
+    # and the evaluation of that model on the S3 shards, its results (and reference cache) on S3 too
+    from pipelines.evaluate import run_evaluate
+
+    ecfg = OmegaConf.load(ROOT / "conf/eval/local.yaml")
+    ecfg.model, ecfg.data, ecfg.output = trained.model_dir, encoded.output, f"{bucket}/eval"
+    ecfg.vae, ecfg.mlflow.tracking_uri, ecfg.resolutions, ecfg.grid.count = "tiny", tracking["tracking_uri"], [128], 1
+    ecfg.workers.num_actors = 1  # holdout.fraction 0: every row (a storage test, not a quality one)
+    evaluated = run_evaluate(ecfg)
+    assert evaluated.output.startswith(f"{bucket}/eval/") and evaluated.stats["samples"] == len(LARGE_PHOTOS)
+    assert listing(evaluated.output, SUCCESS) and listing(evaluated.output, "results.json")
+    assert not list(tmp_path.glob("s3:*")) and not (ROOT / "s3:").exists()
