@@ -60,10 +60,14 @@ def quiet_ray_data() -> None:
     keeps them."""
     import ray.data
 
-    verbose = os.environ.get("INFGEN_VERBOSE") == "1"
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.enable_operator_progress_bars = verbose
-    context.print_on_execution_start = verbose
+    context.enable_progress_bars = context.enable_operator_progress_bars = verbose()
+    context.print_on_execution_start = verbose()
+
+
+def verbose() -> bool:
+    """INFGEN_VERBOSE=1: Ray's own progress bars and INFO lines stay on (the jobs print their own progress)."""
+    return os.environ.get("INFGEN_VERBOSE") == "1"
 
 
 def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
@@ -137,6 +141,18 @@ def renames_are_atomic(fs: pafs.FileSystem) -> bool:
     return fs.type_name == "local"
 
 
+def staging_path(fs: pafs.FileSystem, path: str) -> str:
+    """Where to write the file `path` so that no reader ever sees half of it: a temporary name beside it, to be
+    renamed (`publish`), where renames are atomic; `path` itself on object stores, where an upload appears whole."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
+
+
+def publish(fs: pafs.FileSystem, staged: str, path: str) -> None:
+    """Complete a write begun at staging_path(fs, path)."""
+    if staged != path:
+        fs.move(staged, path)
+
+
 def is_complete(fs: pafs.FileSystem, directory: str) -> bool:
     return fs.get_file_info(f"{directory}/{SUCCESS}").type == pafs.FileType.File
 
@@ -147,13 +163,11 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 
 
 def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file): a temporary name and a rename where renames are
-    atomic, in place on object stores, where an upload appears whole."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
-    with fs.open_output_stream(tmp) as f:
+    """Write JSON atomically: a reader never sees half a file (staging_path)."""
+    staged = staging_path(fs, path)
+    with fs.open_output_stream(staged) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-    if tmp != path:
-        fs.move(tmp, path)
+    publish(fs, staged, path)
 
 
 def mark_success(fs: pafs.FileSystem, directory: str) -> None:

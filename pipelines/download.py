@@ -54,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              local_files, read_json, renames_are_atomic, resolve_files, write_json)
+                              local_files, publish, read_json, resolve_files, staging_path, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -438,11 +438,9 @@ def _input_names(out: _Output) -> list[str]:
 # ---- small helpers --------------------------------------------------------------------------------------------
 
 def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Write atomically, so a killed run never leaves half a file: a temporary name and a rename where renames are
-    atomic, in place on object stores (an upload appears whole; a rename there is a copy)."""
-    tmp = f"{path}.tmp-{os.getpid()}" if renames_are_atomic(fs) else path
-    pq.write_table(table, tmp, filesystem=fs)
-    if tmp != path:
-        fs.move(tmp, path)
+    """Write atomically, so a killed run never leaves half a file (pipelines.common.staging_path)."""
+    staged = staging_path(fs, path)
+    pq.write_table(table, staged, filesystem=fs)
+    publish(fs, staged, path)
 
 

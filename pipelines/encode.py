@@ -33,7 +33,6 @@ import math
 import os
 import random
 import time
-import uuid
 import warnings
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
@@ -47,7 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infgen.data import random_crop_box
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
-                              output_uri, plain_config, read_json, renames_are_atomic, resolve_files, uri,
+                              output_uri, plain_config, publish, read_json, resolve_files, staging_path, uri,
                               write_json)
 
 log = logging.getLogger(__name__)
@@ -141,6 +140,11 @@ class EncodeConfig:
         # the tiny VAE's cache directory is named by a hash of its config: a refitted one gets a new output
         vae = f"tiny:{os.path.basename(vae_source)}" if self.vae == "tiny" else self.vae
         return {**{k: getattr(self, k) for k in keys}, "vae": vae, "vae_dtype": self.vae_dtype}
+
+    @property
+    def decode_thread_count(self) -> int:
+        """Threads per actor that decode and crop beside the VAE: `decode_threads`, else one per whole CPU."""
+        return self.decode_threads or max(1, math.floor(self.cpus_per_actor))
 
     @property
     def vae_dtype(self) -> str:
@@ -368,7 +372,7 @@ class ShardWriter:
 
     def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, latent_shape: tuple[int, ...]) -> None:
         self.fs, self.path, self.schema, self.latent_shape = fs, path, schema, latent_shape
-        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
+        self.tmp = staging_path(fs, path)
         self.sink = fs.open_output_stream(self.tmp)
         self.writer = pq.ParquetWriter(self.sink, schema)
         self.counts: Counter = Counter()
@@ -413,8 +417,7 @@ class ShardWriter:
         self.writer.add_key_value_metadata({SHARD_STATS_KEY: json.dumps(stats)})
         self.writer.close()
         self.sink.close()
-        if self.tmp != self.path:
-            self.fs.move(self.tmp, self.path)  # the rename is the commit: a reader never sees half a shard
+        publish(self.fs, self.tmp, self.path)  # where it is a rename, the rename is the commit
         return stats
 
     def abort(self) -> None:
@@ -533,7 +536,7 @@ class ShardEncoder:
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg, self.fs_in, self.fs_out, self.latent_shape = cfg, fs_in, fs_out, latent_shape
-        self.threads = cfg.decode_threads or max(1, math.floor(cfg.cpus_per_actor))
+        self.threads = cfg.decode_thread_count
         self.encoder = EncodeUDF(cfg.vae, cfg.vae_subfolder, cfg.input_size, cfg.num_gpus, cfg.precision,
                                  cfg.torch_threads or math.ceil(cfg.cpus_per_actor))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
@@ -582,13 +585,12 @@ def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str],
     init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
     plan = ray.data.from_items([{"input": p, "output": f"{out_dir}/{names[p]}"} for p in pending],
                                override_num_blocks=len(pending))
-    threads = cfg.decode_threads or max(1, math.floor(cfg.cpus_per_actor))
     results = plan.map_batches(
         ShardEncoder, batch_size=1, batch_format="numpy", udf_modifying_row_count=False,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus,
         # the actor's own footprint plus the decoded images its threads may hold at once (decoded and converted)
-        memory=DECODE_WORKER_BYTES + (threads + 1) * cfg.max_image_pixels * 3 * 2,
+        memory=DECODE_WORKER_BYTES + (cfg.decode_thread_count + 1) * cfg.max_image_pixels * 3 * 2,
         fn_constructor_kwargs=dict(cfg=cfg, fs_in=fs_in, fs_out=fs_out, latent_shape=latent_shape))
     written: dict[str, dict] = {}
     for row in results.iter_rows():  # in completion order; one small row per shard

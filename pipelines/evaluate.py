@@ -298,6 +298,7 @@ class Plan:
     aspect: Optional[float] = None  # data_kind=latents: W/h of the latents (reference images are cropped to it)
     reference_units: list[dict] = field(default_factory=list)
     reference_files: list[str] = field(default_factory=list)
+    holdout: str = ""  # the split the selection used (Holdout.describe), for the fingerprint
 
 
 def key_hash(key: str) -> str:
@@ -306,8 +307,9 @@ def key_hash(key: str) -> str:
 
 def plan(cfg: EvalConfig) -> Plan:
     chunk_rows = cfg.workers["chunk_rows"]
+    holdout = Holdout.from_config(cfg.holdout)  # reads the URL list once
     if cfg.data_kind == "encoded":
-        return plan_encoded(cfg, chunk_rows)
+        return plan_encoded(cfg, chunk_rows, holdout)
     fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES)
     ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
     for spec, where in ((cfg.data, fs), (cfg.reference, ref_fs)):
@@ -326,7 +328,8 @@ def plan(cfg: EvalConfig) -> Plan:
     step = cfg.workers["reference_chunk"]
     reference_units = [{"kind": "reference", "paths": ref_paths[i:i + step]} for i in range(0, len(ref_paths), step)]
     grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid["count"]]]
-    return Plan(units, paths, fs, len(paths), grid_keys, first.shape[3] / first.shape[2], reference_units, ref_paths)
+    return Plan(units, paths, fs, len(paths), grid_keys, first.shape[3] / first.shape[2], reference_units, ref_paths,
+                holdout.describe())
 
 
 def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
@@ -335,7 +338,7 @@ def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
     return json.loads(config.read_text()).get("latent_channels") if cfg.model and config.is_file() else None
 
 
-def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
+def plan_encoded(cfg: EvalConfig, chunk_rows: int, holdout: Holdout) -> Plan:
     """Units of at most `chunk_rows` selected rows of one parquet row group; the selection is the `limit`
     smallest key hashes (deterministic, independent of file order), or every row."""
     import pyarrow.parquet as pq
@@ -350,7 +353,6 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
                 raise ValueError(f"{uri(fs, path)}: not an encode-stage shard (missing columns {sorted(missing)})")
             for g in range(parquet.num_row_groups):
                 groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
-    holdout = Holdout.from_config(cfg.holdout)
     if holdout:  # only the images training held out, by the same split
         keep = set(held_out_keys(fs, paths, holdout))
         groups = [(path, g, [k for k in ks if k in keep]) for path, g, ks in groups]
@@ -365,7 +367,7 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
         units += [{"kind": "encoded", "uri": uri(fs, path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
                    "keys": chosen[i:i + chunk_rows]} for i in range(0, len(chosen), chunk_rows)]
     grid_keys = [k for _, k in keys if k in selected][:cfg.grid["count"]]
-    return Plan(units, paths, fs, len(selected), grid_keys)
+    return Plan(units, paths, fs, len(selected), grid_keys, holdout=holdout.describe())
 
 
 # ---- reference statistics cache -----------------------------------------------------------------------------
@@ -457,7 +459,7 @@ def run_evaluate(config: Any) -> StageResult:
     p = plan(cfg)
     data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "kind": cfg.data_kind,
                                                 "reference": p.reference_files,
-                                                "holdout": Holdout.from_config(cfg.holdout).describe()})
+                                                "holdout": p.holdout})
     model_dir = Path(cfg.model or "")
     model_files = sorted(f for f in model_dir.glob("*") if f.is_file()) if cfg.model and model_dir.is_dir() else []
     params = {k: v for k, v in asdict(cfg).items() if k not in ("ray", "mlflow", "output", "workers")}

@@ -27,24 +27,31 @@ def mlflow_server_command(root: Path, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port)]
 
 
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path, what: str, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:
-                return
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{what} did not start (see {log}): {log.read_text()[-2000:]}") from None
-            time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+@contextlib.contextmanager
+def _serve(command: list[str], port: int, health: str, log: Path, what: str, timeout_s: float,
+           env: Optional[dict] = None) -> Iterator[str]:
+    """Run a server `command` on 127.0.0.1:port (stderr to `log`), wait until GET `health` answers 200, yield its
+    base URL; stop it on exit. Raises RuntimeError with the log's tail when it exits or times out first."""
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stream)
+    url = f"http://127.0.0.1:{port}"
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}{health}", timeout=2).status == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{what} did not start (see {log}): {log.read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @contextlib.contextmanager
@@ -54,14 +61,8 @@ def s3_server(root: Path, port: int, timeout_s: float = 60) -> Iterator[str]:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with open(root / "s3.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(proc, f"{endpoint}/moto-api/", root / "s3.log", "the S3 server (moto)", timeout_s)
+    with _serve(command, port, "/moto-api/", root / "s3.log", "the S3 server (moto)", timeout_s) as endpoint:
         yield endpoint
-    finally:
-        _stop(proc)
 
 
 @contextlib.contextmanager
@@ -71,11 +72,6 @@ def mlflow_server(root: Path, port: Optional[int] = None, timeout_s: float = 120
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers: ~0.5 GB less
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(mlflow_server_command(root, port), env=env, stdout=subprocess.DEVNULL, stderr=log)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(proc, f"{uri}/health", root / "server.log", "mlflow server", timeout_s)
+    with _serve(mlflow_server_command(root, port), port, "/health", root / "server.log", "mlflow server",
+                timeout_s, env) as uri:
         yield uri
-    finally:
-        _stop(proc)

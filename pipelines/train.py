@@ -31,7 +31,8 @@ from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines.common import HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config, resolve_files
+from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config,
+                              resolve_files, verbose)
 from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -424,7 +425,7 @@ def run_train(config: Any) -> TrainResult:
 
     storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
     loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
-                "verbose": os.environ.get("INFGEN_VERBOSE") == "1",  # Ray's and the libraries' INFO lines
+                "verbose": verbose(),  # Ray's and the libraries' INFO lines on the workers too
                 "params": {k: v for k, v in cfg.items() if k not in ("ray",)},
                 "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
                 "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
