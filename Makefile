@@ -14,9 +14,10 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 setup: $(STAMP)
 	$(BIN)/infgen setup
 
-$(STAMP): pyproject.toml
+# constraints.txt: the versions the suite last passed with (pyproject.toml keeps the ranges users install)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
