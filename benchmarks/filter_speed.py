@@ -1,13 +1,16 @@
 """Throughput of the filter stage (pipelines/filter.py) against a bare single-process pyarrow scan+filter.
 
     python benchmarks/filter_speed.py --out benchmarks/results/filter_speed.json        # 10M rows, 16 files
-    python benchmarks/filter_speed.py --rows 200000 --files 4 --data /tmp/fs-small --out /tmp/smoke.json   # seconds
+    python benchmarks/filter_speed.py --rows 200000 --files 4 --data /tmp/fs-small --rss-rows '' --out /tmp/smoke.json
 
 Synthetic LAION Aesthetics V2 parts (realistic URL/TEXT strings, sizes, scores, duplicates, bad URLs) are
 generated once with numpy/pyarrow under --data and reused while rows/files/seed match. One run then times
 (a) `run_filter` on them (Ray already started and its workers warm: `ray_start_s` and `warmup_s` are
 reported apart) and (b) the same filters in plain pyarrow, one process, reading each file, filtering,
 deduplicating URLs and writing the kept rows. Both read from the page cache (the data was just written or read).
+Then (c) for each of --rss-rows (10M and 50M rows by default) the stage runs as its own driver process joining
+this Ray: its peak RSS (VmHWM) must stay flat, since the dedup is a distributed group-by and the driver only sums
+stats rows; the bare pyarrow baseline runs on the same rows in its own process (it holds every survivor).
 """
 
 from __future__ import annotations
@@ -152,6 +155,58 @@ def bare_pyarrow(paths: list[Path], out: Path, p: dict) -> dict:
     return {"rows_in": rows_in, "rows_out": t.num_rows}
 
 
+# ---- driver memory at growing sizes ----------------------------------------------------------------------------
+
+CHILD = """
+import json, os, sys, time
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+from pathlib import Path
+cfg = json.loads(sys.argv[2])
+t = time.perf_counter()
+if sys.argv[1] == "stage":
+    from pipelines.filter import run_filter
+    stats = run_filter(cfg).stats
+    out = {"rows_in": stats["rows_in"], "rows_out": stats["rows_out"], "partitions": stats["partitions"],
+           "phases_s": stats["seconds"]}
+else:
+    from filter_speed import THRESHOLDS, bare_pyarrow
+    out = bare_pyarrow(sorted(Path(cfg["input"]).glob("part-*.parquet")), Path(cfg["output"]), THRESHOLDS)
+out["seconds"] = round(time.perf_counter() - t, 2)
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's across fork + exec)
+out["peak_rss_mib"] = round(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024, 1)
+print(json.dumps(out))
+"""
+
+
+def own_process(kind: str, cfg: dict, address: str) -> dict:
+    """The stage (joining this Ray) or the bare baseline, as its own process: seconds and peak RSS."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", CHILD, kind, json.dumps(cfg)], capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": address}, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def driver_rss(sizes: list[int], files: int, seed: int, data_root: Path, work: Path, base: dict,
+               address: str) -> dict:
+    out = {}
+    for n in sizes:
+        paths = ensure_data(data_root / f"rss-{n}", n, files * max(1, n // 10_000_000), seed)
+        cfg = {**base, "input": str(paths[0].parent), "output": str(work / f"rss{n}")}
+        stage = own_process("stage", cfg, address)
+        bare = own_process("bare", {"input": str(paths[0].parent), "output": str(work / f"rss{n}-bare")}, address)
+        out[str(n)] = {"files": len(paths), "stage": stage, "bare_pyarrow": bare,
+                       "ratio_stage_over_bare": round(bare["seconds"] / stage["seconds"], 3),
+                       "same_rows_out": stage["rows_out"] == bare["rows_out"]}
+        print(f"{n} rows: {json.dumps(out[str(n)])}")
+        shutil.rmtree(work / f"rss{n}", ignore_errors=True)
+        shutil.rmtree(work / f"rss{n}-bare", ignore_errors=True)
+    return out
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -161,6 +216,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "infgen-bench" / "filter")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--rss-rows", default="10000000,50000000",
+                        help="driver peak RSS runs (rows each, comma-separated; '' for none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/filter_speed.json"))
     args = parser.parse_args()
 
@@ -194,6 +251,10 @@ def main() -> None:
     stage_s = time.perf_counter() - t
     load["after_stage"] = os.getloadavg()
 
+    sizes = [int(x) for x in args.rss_rows.split(",") if x.strip()]
+    rss = driver_rss(sizes, args.files, args.seed, args.data.parent, work, {**config, "mlflow": {
+        **config["mlflow"], "experiment": "filter-speed-rss"}}, ray.get_runtime_context().gcs_address) if sizes else {}
+
     rows = result.stats["rows_in"]
     stage_rps, base_rps = rows / stage_s, baseline["rows_in"] / baseline["seconds"]
     report = {
@@ -207,9 +268,14 @@ def main() -> None:
                   "note": "includes MLflow logging and the histogram; excludes ray.init and worker start-up"},
         "bare_pyarrow": {"seconds": round(baseline["seconds"], 2), "rows_per_s": round(base_rps),
                          "rows_out": baseline["rows_out"]},
+        "driver_rss": rss,
         "derived": {"ratio_stage_over_bare": {"value": round(stage_rps / base_rps, 3), "target": 0.8,
                                               "meets_target": stage_rps / base_rps >= 0.8},
-                    "same_rows_out": baseline["rows_out"] == result.stats["rows_out"]},
+                    "same_rows_out": baseline["rows_out"] == result.stats["rows_out"],
+                    **({"driver_rss_ratio_largest_over_smallest": {
+                        "value": round(rss[str(max(sizes))]["stage"]["peak_rss_mib"]
+                                       / rss[str(min(sizes))]["stage"]["peak_rss_mib"], 3),
+                        "target": "flat (within 10%)"}} if len(sizes) > 1 else {})},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

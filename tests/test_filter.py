@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -16,7 +17,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipelines.sample_data import write_laion_parquet
-from pipelines.filter import DEFAULTS, INTERNAL, OUTPUT_SCHEMA, REASONS, decide, host_verdict, run_filter
+from pipelines.filter import (DEFAULTS, OUTPUT_SCHEMA, REASONS, cap_key, cap_threshold, count_reasons, dedup_partition,
+                              filter_batch, column_mapping, filter_params, host_verdict, run_filter)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(min_pixels=2_000_000, min_short_side=1000, max_aspect_ratio=2.5, min_aesthetic=5.0,
@@ -263,12 +265,42 @@ def test_schema_errors_name_the_file_and_column(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_decide_with_no_surviving_rows():
-    slim = pa.concat_tables([INTERNAL.empty_table(), pa.table(
-        {f.name: pa.array([5 if f.name == "_count" else 2 if f.name == "_reason" else None], f.type) for f in INTERNAL})])
-    rows_in, dropped, losers, cap = decide(slim, max_rows=0, seed=0)
-    assert rows_in == 5 and dropped["too_small"] == 5 and sum(dropped.values()) == 5
-    assert losers == {} and cap is None
+def test_dedup_partition_keeps_the_smallest_content_hash_and_counts_the_rest(tmp_path):
+    """One hash partition (what map_groups hands over): whatever the row order, one row per URL, the same one."""
+    rows = [dict(url=f"https://img.example.com/{i % 5}.jpg", text=f"caption {i}", width=2000, height=1500)
+            for i in range(12)]
+    path = write_laion_parquet(tmp_path / "p.parquet", rows, "aesthetics_v2")
+    table = pq.read_table(path)
+    params = filter_params({"min_aesthetic": None, "max_punsafe": None, "max_pwatermark": None})
+    passed = filter_batch(table, column_mapping(str(path), table.schema, params), params)
+    kept = dedup_partition(passed)
+    shuffled = dedup_partition(passed.take(np.random.default_rng(0).permutation(passed.num_rows)))
+    assert kept.equals(shuffled)  # sorted by URL hash: the same rows in the same order
+    data = kept.filter(pc.equal(kept["_reason"], 0))
+    assert sorted(data["url"].to_pylist()) == [f"https://img.example.com/{i}.jpg" for i in range(5)]
+    for url, caption in zip(data["url"].to_pylist(), data["caption"].to_pylist()):
+        copies = passed.filter(pc.equal(passed["url"], url))
+        assert caption == copies["caption"][int(np.argmin(copies["_rowkey"].to_numpy()))].as_py()
+    counts = dict(zip(*count_reasons(kept).to_pydict().values()))
+    assert counts == {0: 5, REASONS.index("duplicate_url") + 1: 7}
+    assert dedup_partition(passed.slice(0, 0)).num_rows == 0
+
+
+def test_cap_threshold_is_the_exact_kth_url():
+    rng = np.random.default_rng(0)
+    h1, h2 = rng.integers(0, 2**63, 50_000, dtype=np.uint64), rng.integers(0, 2**63, 50_000, dtype=np.uint64)
+    ck = cap_key(h1, h2, seed=3)
+    histogram = np.bincount((ck >> np.uint64(48)).astype(np.int64), minlength=2**16)
+
+    def candidates(bin_):
+        sel = (ck >> np.uint64(48)).astype(np.int64) == bin_
+        return pa.table({"ck": ck[sel], "h1": h1[sel], "h2": h2[sel]})
+
+    order = np.lexsort((h2, h1, ck))
+    for k in (1, 17, 25_000, 50_000 - 1):
+        t = cap_threshold(histogram, candidates, k)
+        assert tuple(t) == (ck[order[k - 1]], h1[order[k - 1]], h2[order[k - 1]])
+    assert len(cap_threshold(histogram, candidates, 0)) == 0
 
 
 def test_host_verdicts():
@@ -285,7 +317,7 @@ def test_job_entry_point_with_the_shipped_config(ray_local, tmp_path, mlflow_uri
     from jobs import filter as job
 
     yaml = OmegaConf.load(ROOT / "conf" / "data" / "filter.yaml")
-    assert set(yaml) - {"input", "output", "overwrite", "ray", "mlflow"} == set(DEFAULTS)
+    assert set(yaml) - {"input", "output", "overwrite", "partitions", "ray", "mlflow"} == set(DEFAULTS)
     single = write_laion_parquet(tmp_path / "in" / "p.parquet",
                                  [dict(url=f"https://a.example.com/{i}.jpg", width=2400, height=1600) for i in range(3)],
                                  "aesthetic_v1")

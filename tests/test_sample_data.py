@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
@@ -13,7 +14,7 @@ from PIL import Image
 
 from infgen.photos import SHIPPED_HOLDOUT, load_photos, load_shipped_photos
 from pipelines.common import Holdout
-from pipelines.filter import column_mapping, decide, filter_batch, filter_params
+from pipelines.filter import column_mapping, count_reasons, dedup_partition, filter_batch, filter_params, REASONS
 from pipelines.sample_data import DEMO_BROKEN, write_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +28,12 @@ def kept_by_filter(metadata: Path) -> tuple[set[str], dict[str, int]]:
                                                                   stage.overrides)))
     assert params["min_pixels"] == 2_000_000 and params["allow_private_hosts"]  # the real threshold, from 127.0.0.1
     table = pq.read_table(metadata)
-    passed = filter_batch(table, column_mapping(str(metadata), table.schema, params), params)
-    _, dropped, losers, _ = decide(passed, None, params["seed"])
-    rows = passed.filter(passed["_reason"].to_numpy() == 0).to_pylist()
-    lost = {int(p) for positions in losers.values() for p in positions}
-    return {r["url"] for r in rows if r["_pos"] not in lost}, {k: v for k, v in dropped.items() if v}
+    passed = filter_batch(table, column_mapping(str(metadata), table.schema, params), params)  # one partition
+    stats = passed.filter(passed["_reason"].to_numpy() > 0)
+    kept = dedup_partition(passed.filter(passed["_reason"].to_numpy() == 0))
+    counts = count_reasons(pa.concat_tables([stats, kept])).to_pydict()
+    dropped = {REASONS[code - 1]: n for code, n in zip(counts["_reason"], counts["_count"]) if code}
+    return set(kept.filter(kept["_reason"].to_numpy() == 0)["url"].to_pylist()), dropped
 
 
 def test_demo_dataset_serves_the_photos_as_they_are_in_the_laion_v2_schema(tmp_path):
