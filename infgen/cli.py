@@ -11,7 +11,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .images import IMAGE_FORMATS
 from .vae import OFFLINE_VAES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_cli_size(text: str) -> tuple[int, int]:
@@ -32,11 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    decode = commands.add_parser("decode", help="decode a latent file to an image of any size")
+    decode = commands.add_parser("decode", help="decode latent files to images of any size")
     decode.add_argument("--model", required=True, help="directory written by InfGen.save_pretrained")
-    decode.add_argument("--latent", required=True, help=".pt, .npy or .safetensors with (C,h,w) or (B,C,h,w)")
-    decode.add_argument("--size", required=True, type=parse_cli_size, help="WIDTHxHEIGHT (3840x2160) or N (4096)")
-    decode.add_argument("--out", required=True, help="output image (.png, .jpg, ...); a batch gets _0, _1, ...")
+    decode.add_argument("--latent", required=True, nargs="+",
+                        help="latent files (.pt, .npy, .safetensors with (C,h,w) or (B,C,h,w)) or directories of them")
+    decode.add_argument("--size", required=True, nargs="+", type=parse_cli_size,
+                        help="one or more WIDTHxHEIGHT (3840x2160) or N (4096)")
+    decode.add_argument("--out", required=True,
+                        help="an image file (one latent file, one size; a batch gets _0, _1, ...) or a directory "
+                             "(several files or sizes: <stem>[_i]_<W>x<H>.<format>)")
+    decode.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="images written into a directory")
+    decode.add_argument("--batch-size", type=int, default=1, help="latents of one shape decoded together")
+    decode.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights and compute (fp16/bf16 on a GPU; on a CPU bf16 only where it is native)")
     decode.add_argument("--tile", type=int, default=None, help="decode in tiles of N×N output pixels")
     decode.add_argument("--iterative", action="store_true", help="2× steps with VAE re-encoding up to --size")
     decode.add_argument("--vae", default=None, help="VAE for --iterative: hub id, diffusers directory or 'tiny'")
@@ -65,32 +76,62 @@ def run_setup(args: argparse.Namespace) -> None:
 
 
 def run_decode(args: argparse.Namespace) -> list[Path]:
-    from .images import to_pil
-    from .io import load_latents
+    """Decode every latent of the inputs at every size; an unreadable file among several is skipped and counted
+    (exit status 1), a single bad input is a ValueError (status 2)."""
+    from tqdm import tqdm
+
+    from .images import decoded_name, encode_image, to_pil
+    from .io import find_latent_files, load_latents
     from .models import InfGen
     from .upsample import iterative_decode
     from .vae import load_vae
 
     if args.iterative and not args.vae:
         raise ValueError("--iterative needs --vae (the encoder that re-encodes each 2× step)")
-    model = InfGen.from_pretrained(args.model).to(args.device).eval()
-    latents = load_latents(args.latent).to(args.device)
-    start = time.perf_counter()
-    if args.iterative:
-        vae = load_vae(args.vae, device=args.device)
-        images = iterative_decode(model, vae, latents, args.size, tile=args.tile, scaled=not args.unscaled)
-    else:
-        images = model.decode(latents, args.size, tile=args.tile, scaled=not args.unscaled)
-    elapsed = time.perf_counter() - start
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    files = find_latent_files(args.latent)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        to_pil(image).save(path)
-    height, width = args.size
-    print(f"decoded {len(images)} latent(s) {tuple(latents.shape[1:])} to {width}x{height} in {elapsed:.2f} s: "
-          + ", ".join(map(str, paths)))
-    return paths
+    single = len(files) == 1 and len(args.size) == 1 and out.suffix != ""
+    model = InfGen.from_pretrained(args.model).to(args.device, DTYPES[args.dtype]).eval()
+    vae = load_vae(args.vae, device=args.device) if args.iterative else None
+
+    def decode(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if vae is not None:
+            return iterative_decode(model, vae, latents, size, tile=args.tile, scaled=not args.unscaled)
+        return model.decode(latents, size, tile=args.tile, scaled=not args.unscaled)
+
+    written, failed, start = [], {}, time.perf_counter()
+    with tqdm(total=len(files), unit="file", desc="decode", disable=single) as bar:
+        for path in files:
+            try:
+                for size in args.size:
+                    latents = load_latents(path)
+                    images = torch.cat([decode(b.to(args.device), size) for b in latents.split(args.batch_size)])
+                    for i, image in enumerate(images):
+                        if single:
+                            target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            to_pil(image).save(target)  # the format its suffix names
+                        else:
+                            target = out / decoded_name(path.stem, i if len(images) > 1 else None, size, args.format)
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            target.write_bytes(encode_image(image, args.format))
+                        written.append(target)
+            except ValueError as e:  # unreadable, or not a latent this model takes
+                if single:
+                    raise
+                failed[str(path)] = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            bar.update()
+    sizes = ", ".join(f"{w}x{h}" for h, w in args.size)
+    print(f"decoded {len(files) - len(failed)} latent file(s) to {sizes}: {len(written)} image(s) in "
+          f"{time.perf_counter() - start:.2f} s" + (f" → {written[0]}" if single else f" in {out}"))
+    if failed:
+        print(f"skipped {len(failed)} unreadable file(s):", file=sys.stderr)
+        for problem in failed.values():
+            print(f"  {problem}", file=sys.stderr)
+    args.failed = failed
+    return written
 
 
 def run_presets() -> None:
@@ -106,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "decode":
             run_decode(args)
+            if args.failed:
+                return 1
         elif args.command == "setup":
             run_setup(args)
         else:

@@ -59,6 +59,25 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+IMAGE_FORMATS = ("png", "webp")
+
+
+def encode_image(image: torch.Tensor, fmt: str = "png") -> bytes:
+    """(3, H, W) in [-1, 1] → PNG (lossless) or WebP (quality 95) file bytes."""
+    import io
+
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {fmt!r}")
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format=fmt.upper(), **({"quality": 95} if fmt == "webp" else {}))
+    return buffer.getvalue()
+
+
+def decoded_name(stem: str, index: int | None, size: tuple[int, int], fmt: str) -> str:
+    """The file name of one decoded latent: `<stem>[_<index in its file>]_<W>x<H>.<fmt>`."""
+    return f"{stem}{'' if index is None else f'_{index}'}_{size[1]}x{size[0]}.{fmt}"
+
+
 def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
     """The largest centred crop with width/height = aspect."""
     w, h = image.size

@@ -1,7 +1,7 @@
 """Stage 2: download the filter stage's URLs with img2dataset into webdataset shards (resumable, retryable).
 
     python -m jobs.download --config conf/data/download.yaml input=<filter output dir> [key=value ...]
-    python -m jobs.download --config conf/data/download.yaml input=... retry_failed=true
+    python -m jobs.download --config conf/data/download.yaml input=<filter output dir> retry_failed=true
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 
 from jobs.config import parse_job_args
-from pipelines.download import run_download
+from pipelines.download import check_config, run_download
 
 
 def main() -> int:
-    cfg = parse_job_args(__doc__)
+    cfg = parse_job_args(__doc__, check=check_config)
     try:
         result = run_download(cfg)
     except ValueError as e:  # bad config or input: say what, no traceback

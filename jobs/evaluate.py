@@ -4,11 +4,11 @@
 """
 
 from jobs.config import parse_job_args
-from pipelines.evaluate import run_evaluate
+from pipelines.evaluate import EvalConfig, run_evaluate
 
 
 def main() -> None:
-    result = run_evaluate(parse_job_args(__doc__))
+    result = run_evaluate(parse_job_args(__doc__, check=EvalConfig.from_mapping))
     print(f"results: {result.output}\nMLflow run: {result.run_id}")
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 from jobs.config import parse_job_args
-from pipelines.filter import run_filter
+from pipelines.filter import check_config, run_filter
 
 
 def main() -> None:
-    cfg = parse_job_args(__doc__)
+    cfg = parse_job_args(__doc__, check=check_config)
     result = run_filter(cfg)
     stats = result.stats
     print(json.dumps({"output": result.output, "skipped": result.skipped, "run_id": result.run_id,

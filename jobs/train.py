@@ -4,11 +4,12 @@
 """
 
 from jobs.config import parse_job_args
-from pipelines.train import run_train
+from pipelines.common import plain_config
+from pipelines.train import check_config, run_train
 
 
 def main() -> None:
-    result = run_train(parse_job_args(__doc__))
+    result = run_train(parse_job_args(__doc__, check=lambda cfg: check_config(plain_config(cfg))))
     print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}\nMLflow run: {result.run_id}")
 
 

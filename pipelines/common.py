@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -35,6 +35,14 @@ def dataclass_from(cls, values: Any, **extra):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys in the config: {unknown}")
     return cls(**values)
+
+
+def require(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    """ValueError naming every key of `keys` that is missing, null or empty: paths a stage cannot run without."""
+    missing = [k for k in keys if values.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"{what} config: {', '.join(missing)} must be set (e.g. {missing[0]}=PATH on the command "
+                         f"line)")
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:

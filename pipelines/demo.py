@@ -34,6 +34,15 @@ def demo_photos(photo_set: str) -> list[Photo]:
     return load_photos() if photo_set == "wallpapers" else load_shipped_photos()
 
 
+def check_config(config: Any) -> None:
+    """The demo's own keys and every stage's config as the demo runs it (`--dry-run`); ValueError naming it."""
+    from pipelines.pipeline import check_config as check_stages
+
+    if config.photos not in PHOTO_SETS:
+        raise ValueError(f"demo config: photos={config.photos!r} is not one of {list(PHOTO_SETS)}")
+    check_stages(config)
+
+
 def run_demo(config: Any) -> PipelineResult:
     cfg = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
     output = Path(cfg.output).resolve()

@@ -54,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              local_files, publish, read_json, resolve_files, staging_path, write_json)
+                              local_files, publish, read_json, require, resolve_files, staging_path, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def resize_options(max_long_side: Optional[int]) -> dict[str, Any]:
 
 def run_download(config: Any) -> StageResult:
     """Download (or continue, or retry the failures of) one output; see the module docstring."""
-    cfg = _config(config)
+    cfg = check_config(config)
     # before img2dataset (and cv2, albumentations) are imported here or in the spawned workers
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -167,15 +167,15 @@ def run_download(config: Any) -> StageResult:
 
 # ---- configuration and location -----------------------------------------------------------------------------
 
-def _config(config: Any) -> dict[str, Any]:
+def check_config(config: Any) -> dict[str, Any]:
+    """The download config with defaults filled in; a ValueError naming the key otherwise (`--dry-run`)."""
     config = plain_config(config)
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"download config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     cfg = {**DEFAULTS, **config, "mlflow": {**DEFAULTS["mlflow"], **(config.get("mlflow") or {})},
            "ray": {**DEFAULTS["ray"], **(config.get("ray") or {})}}
-    if not cfg["input"]:
-        raise ValueError("download config: set input=<the filter stage's output directory>")
+    require(cfg, ("input", "output"), "download")
     if cfg["distributor"] not in ("multiprocessing", "ray"):
         raise ValueError(f"download config: distributor={cfg['distributor']!r}; use multiprocessing or ray")
     if cfg["save_columns"] is not None and not isinstance(cfg["save_columns"], (list, tuple)):

@@ -46,8 +46,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from infgen.data import random_crop_box
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
-                              output_uri, plain_config, publish, read_json, resolve_files, staging_path, uri,
-                              write_json)
+                              output_uri, plain_config, publish, read_json, require, resolve_files, staging_path,
+                              uri, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class EncodeConfig:
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"encode config: unknown keys {sorted(unknown)}")
-        missing = {"input", "output"} - set(values)
-        if missing:
-            raise ValueError(f"encode config: missing keys {sorted(missing)}")
+        require(values, ("input", "output"), "encode")
         cfg = cls(**values)
         cfg.aspect_range = tuple(float(a) for a in cfg.aspect_range)
         for section, known in (("mlflow", {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"}),

@@ -55,7 +55,7 @@ from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 
 from pipelines.common import (Holdout, StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success,
                               local_files, output_root, output_uri, plain_config, read_json, remove_dir,
-                              renames_are_atomic, resolve_files, uri, write_json)
+                              renames_are_atomic, require, resolve_files, uri, write_json)
 from pipelines.tracking import Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class EvalConfig:
         return PatchProtocol(**self.patches)
 
     def validate(self) -> None:
+        require(vars(self), ("data", "output") + (("model",) if any(d.startswith("infgen") for d in self.decoders)
+                                                  else ()), "evaluation")
         if self.data_kind not in ("encoded", "latents"):
             raise ValueError(f"data_kind must be 'encoded' or 'latents', got {self.data_kind!r}")
         if self.data_kind == "latents" and not self.reference:
@@ -149,13 +151,21 @@ class EvalConfig:
 
 
 def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
-    """An exported model directory, a training checkpoint directory (its EMA weights), or an MLflow
-    runs:/…/model or models:/name/version URI (downloaded first)."""
+    """An exported model directory, a training checkpoint directory (its EMA weights), an MLflow model
+    directory, or an MLflow runs:/…/model or models:/name/version (or @alias) URI (downloaded first)."""
     if source.startswith(("runs:/", "models:/")):
-        import mlflow.artifacts
+        import mlflow
 
-        source = mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri)
+        if tracking_uri:  # the model registry follows it (download_artifacts' own tracking_uri leaves it behind)
+            mlflow.set_tracking_uri(tracking_uri)
+        source = mlflow.artifacts.download_artifacts(source)
     path = Path(source)
+    if (path / "MLmodel").is_file():  # an MLflow model, as training logs it (infgen/pyfunc.py): its artifact
+        from mlflow.models import Model
+
+        from infgen.pyfunc import ARTIFACT
+
+        path = path / Model.load(str(path)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
     if (path / WEIGHTS_NAME).is_file():
         return InfGen.from_pretrained(path)
     state_file = path / "state.pt"

@@ -46,8 +46,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              output_root, output_uri, read_json, remove_dir, renames_are_atomic, resolve_files,
-                              write_json)
+                              output_root, output_uri, read_json, remove_dir, renames_are_atomic, require,
+                              resolve_files, write_json)
 
 
 FORMAT_VERSION = 1  # bump when the output changes for the same inputs and parameters (new fingerprint)
@@ -101,10 +101,18 @@ def _config_dict(config: Any) -> dict:
     unknown = set(config) - set(DEFAULTS) - OTHER_KEYS
     if unknown:
         raise ValueError(f"filter config: unknown keys {sorted(unknown)} (known: {sorted(set(DEFAULTS) | OTHER_KEYS)})")
-    for key in ("input", "output"):
-        if not config.get(key):
-            raise ValueError(f"filter config: {key!r} is required")
+    require(config, ("input", "output"), "filter")
     return config
+
+
+def check_config(config: Any) -> dict[str, Any]:
+    """Every problem of a filter config as a ValueError naming the key (what `--dry-run` runs); → the
+    parameters that shape the output."""
+    config = _config_dict(config)
+    partitions = config.get("partitions")
+    if partitions is not None and (not isinstance(partitions, int) or partitions < 1):
+        raise ValueError(f"filter config: partitions={partitions!r} must be a positive integer or null")
+    return filter_params(config)
 
 
 def filter_params(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -498,9 +506,7 @@ def partition_count(config: Mapping[str, Any], rows_in: int) -> int:
     than ROWS_PER_PARTITION input rows (a partition's survivors meet in one worker's memory)."""
     import ray
 
-    if config.get("partitions") is not None:
-        if not isinstance(config["partitions"], int) or config["partitions"] < 1:
-            raise ValueError(f"filter config: partitions={config['partitions']!r} must be a positive integer or null")
+    if config.get("partitions") is not None:  # checked by check_config
         return config["partitions"]
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(PARTITIONS_PER_CPU * cpus, -(-rows_in // ROWS_PER_PARTITION))
@@ -575,8 +581,8 @@ def _write(deduped, cap: Optional[np.ndarray], seed: int, fs: pafs.FileSystem, t
 def run_filter(config: Any) -> StageResult:
     """Filter LAION parquet (`config["input"]`: file, directory, glob or URI) into `<output>/<fingerprint>`."""
     t0 = time.perf_counter()
+    params = check_config(config)
     config = _config_dict(config)
-    params = filter_params(config)
     fs, paths = resolve_files(str(config["input"]))
     groups, rows_total = inspect_inputs(fs, paths, params)
     fp = fingerprint(fs, paths, {"stage": "filter", "format": FORMAT_VERSION, **params})

@@ -40,6 +40,36 @@ def stage_config(spec: Any, root: Path, **wiring: Any) -> Any:
     return config
 
 
+# the paths the pipeline wires from one stage into the next (see run_pipeline)
+WIRED = {"filter": ("input", "output"), "download": ("input", "output"), "encode": ("input", "output"),
+         "train": ("data", "output"), "evaluate": ("data", "model", "output")}
+
+
+def check_config(config: Any) -> None:
+    """Each listed stage's config as run_pipeline builds it (its YAML + overrides, chained paths wired in),
+    checked by that stage's own check (what `--dry-run` runs); ValueError naming the stage and the problem."""
+    from pipelines.download import check_config as check_download
+    from pipelines.encode import EncodeConfig
+    from pipelines.evaluate import EvalConfig
+    from pipelines.filter import check_config as check_filter
+    from pipelines.train import check_config as check_train
+
+    checks = {"filter": check_filter, "download": check_download, "encode": EncodeConfig.from_mapping,
+              "train": lambda c: check_train(plain_config(c)), "evaluate": EvalConfig.from_mapping}
+    cfg = OmegaConf.create(plain_config(config))
+    unknown = sorted(set(cfg.stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown pipeline stages {unknown}; known: {list(STAGES)}")
+    root = Path(__file__).resolve().parents[1]
+    for stage in STAGES:
+        if stage in cfg.stages:
+            wiring = {key: f"{cfg.output}/{stage}/{key}" for key in WIRED[stage]}  # stand-ins for the chained paths
+            try:
+                checks[stage](stage_config(cfg.stages[stage], root, **wiring, mlflow=cfg.mlflow, ray=cfg.ray))
+            except ValueError as e:
+                raise ValueError(f"stages.{stage}: {e}") from None
+
+
 def run_pipeline(config: Any, input_uri: Optional[str] = None) -> PipelineResult:
     """Run the stages listed in `config.stages` (in pipeline order) on `input_uri` (LAION metadata parquet)."""
     from pipelines.download import run_download

@@ -13,6 +13,8 @@ import logging
 import os
 import subprocess
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -21,8 +23,11 @@ log = logging.getLogger(__name__)
 # Fail fast on a dead server instead of MLflow's default minutes of HTTP back-off per call.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# one line per download, not a redrawn bar per file (models:/ URIs in evaluate)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_RUN_ENV = "INFGEN_MLFLOW_PARENT_RUN_ID"
+NEWEST_ALIAS = "newest"  # the registered model's alias for its latest trained version ("latest" is reserved)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -44,6 +49,13 @@ def config_hash(config: Mapping[str, Any]) -> str:
 GIT_COMMIT_ENV = "INFGEN_GIT_COMMIT"
 
 
+def torch_version() -> str:
+    """The installed torch's release, without a local build tag (2.14.1+cu130 → 2.14.1)."""
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
 def git_commit() -> str:
     """The checkout's commit; else $INFGEN_GIT_COMMIT (a Ray job's working_dir upload leaves .git out, so the
     submitter passes `git rev-parse HEAD` in the runtime_env); else 'unknown'."""
@@ -53,6 +65,14 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return commit or os.environ.get(GIT_COMMIT_ENV) or "unknown"
+
+
+def local_artifact_location(tracking_uri: str) -> Optional[str]:
+    """Artifacts of a `sqlite:///path/mlflow.db` store go beside it (`path/mlartifacts`), not into ./mlruns of
+    whatever directory the job ran in; None (MLflow's default) for servers."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
 class Tracker:
@@ -75,11 +95,13 @@ class Tracker:
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
     def __enter__(self) -> "Tracker":
-        self.start()
+        if self.run_id is None:
+            self.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FAILED" if exc_type else "FINISHED")
+        # never left RUNNING: an interrupt is KILLED, any other exception FAILED
+        self.end("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     def start(self) -> Optional[str]:
         from mlflow.tracking import MlflowClient
@@ -90,7 +112,8 @@ class Tracker:
                 self.client.update_run(self.resume_run_id, status="RUNNING")
                 return self.resume_run_id
             experiment = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                self.experiment, artifact_location=local_artifact_location(self.tracking_uri))
             tags = {"mlflow.runName": self.run_name, "infgen.git_commit": git_commit(), **self.tags}
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
@@ -138,19 +161,37 @@ class Tracker:
     def log_figure(self, figure: Any, name: str) -> None:
         self._call("log figure", lambda: self.client.log_figure(self.run_id, figure, name))
 
-    def register_model(self, name: str, artifact_path: str) -> Optional[str]:
-        """Register the run's artifact directory `artifact_path` as a new version of model `name`."""
-        def register() -> str:
-            from mlflow.exceptions import MlflowException
+    def log_infgen_model(self, model_dir: str | Path, registered_model_name: Optional[str] = None,
+                         alias: str = NEWEST_ALIAS) -> Optional[str]:
+        """Log an exported InfGen directory as this run's MLflow model `model` (pyfunc flavour: infgen/pyfunc.py
+        with the infgen package as its code, a signature, the model config as metadata) and, with a name,
+        register it and point `alias` at the new version. Returns the version (None: not registered)."""
+        def log() -> Optional[str]:
+            import mlflow
 
-            try:
-                self.client.create_registered_model(name)
-            except MlflowException:
-                pass  # it exists already: add a version
-            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-            return self.client.create_model_version(name, source, run_id=self.run_id).version
+            import infgen
+            from infgen import pyfunc
+            from infgen.models import load_config
 
-        return self._call("register model", register)
+            config = load_config(Path(model_dir) / "config.json")
+            mlflow.set_tracking_uri(self.tracking_uri)
+            # the fluent API logs models; attach it to this run (ending it there: the model comes last)
+            with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+                # its advice to add type hints to predict: the signature below is explicit
+                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=pyfunc.__file__, artifacts={pyfunc.ARTIFACT: str(model_dir)},
+                    code_paths=[str(Path(infgen.__file__).parent)], signature=pyfunc.signature(config.latent_channels),
+                    # what loading needs (infgen's own imports), not an inference by importing the model
+                    pip_requirements=[f"torch=={torch_version()}", "numpy", "safetensors", "pillow"],
+                    metadata={"infgen_config": asdict(config), "scaling_factor": config.scaling_factor},
+                    registered_model_name=registered_model_name)
+            version = info.registered_model_version
+            if registered_model_name and version is not None:
+                self.client.set_registered_model_alias(registered_model_name, alias, str(version))
+            return None if version is None else str(version)
+
+        return self._call("log model", log)
 
     # ---- failure handling ---------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from `ray.train.get_checkpoint()`; a worker that dies restarts the group from th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -32,8 +33,8 @@ from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
 from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config,
-                              resolve_files, verbose)
-from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
+                              require, resolve_files, verbose)
+from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -237,46 +238,46 @@ def train_loop(cfg: dict) -> None:
             tracker.log_params(cfg["params"])
         sampler = SampleGrid(cfg, device)
 
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = train["batch_size"] // world
-    progress = Progress(train["steps"], per_worker * world)
-    scale = unwrap(trainer.model).config.scale
+    # the run ends FINISHED, or FAILED / KILLED when the loop raises (a restarted attempt resumes it)
+    with tracker if tracker else contextlib.nullcontext():
+        shard = ray.train.get_dataset_shard("train")
+        per_worker = train["batch_size"] // world
+        progress = Progress(train["steps"], per_worker * world)
+        scale = unwrap(trainer.model).config.scale
 
-    def plan(step: int) -> tuple:
-        size = target_size_for_step(train, step)
-        return size, window_for_step(train, step, size, scale)
+        def plan(step: int) -> tuple:
+            size = target_size_for_step(train, step)
+            return size, window_for_step(train, step, size, scale)
 
-    while trainer.step < train["steps"]:
-        raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                 local_shuffle_buffer_size=train["shuffle_buffer"] or None)
-        batches = TargetPrefetcher(raw, plan, trainer.step, train["steps"],
-                                   train.get("decode_threads") or max(1, int(train["cpus_per_worker"])))
-        for latents, targets, size, region in batches:
-            step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
-                                          halo=train["window_halo"])
-            step = trainer.step
-            if train.get("fail_at_step") == step and rank == world - 1:
-                fail_once(cfg, step)
-            progress.add(step_log)
-            due = {every: step % train[every] == 0 or step == train["steps"]
-                   for every in ("log_every", "sample_every", "checkpoint_every")}
-            if not any(due.values()):
-                continue
-            metrics = {**progress.flush(step), "step": step}
-            if rank == 0:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
-                print(f"[train] step {step}/{train['steps']} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
-                      f"{metrics['samples_per_s']:.1f} samples/s ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
-                if due["sample_every"]:
-                    sampler.log(trainer.ema, tracker, step)
-            if due["checkpoint_every"]:
-                save_checkpoint(trainer, rank, run_id, metrics)
-            else:
-                ray.train.report(metrics)
-
-    if rank == 0:
-        export(cfg, trainer, tracker)
-        tracker.end()
+        while trainer.step < train["steps"]:
+            raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=train["shuffle_buffer"] or None)
+            batches = TargetPrefetcher(raw, plan, trainer.step, train["steps"],
+                                       train.get("decode_threads") or max(1, int(train["cpus_per_worker"])))
+            for latents, targets, size, region in batches:
+                step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
+                                              halo=train["window_halo"])
+                step = trainer.step
+                if train.get("fail_at_step") == step and rank == world - 1:
+                    fail_once(cfg, step)
+                progress.add(step_log)
+                due = {every: step % train[every] == 0 or step == train["steps"]
+                       for every in ("log_every", "sample_every", "checkpoint_every")}
+                if not any(due.values()):
+                    continue
+                metrics = {**progress.flush(step), "step": step}
+                if rank == 0:
+                    tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+                    print(f"[train] step {step}/{train['steps']} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
+                          f"{metrics['samples_per_s']:.1f} samples/s ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
+                    if due["sample_every"]:
+                        sampler.log(trainer.ema, tracker, step)
+                if due["checkpoint_every"]:
+                    save_checkpoint(trainer, rank, run_id, metrics)
+                else:
+                    ray.train.report(metrics)
+        if rank == 0:
+            export(cfg, trainer, tracker)
 
 
 def fail_once(cfg: Mapping[str, Any], step: int) -> None:
@@ -305,11 +306,11 @@ def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> 
     model_dir = Path(cfg["run_dir"]) / "model"
     trainer.ema.save_pretrained(model_dir)
     print(f"[train] exported the EMA model to {model_dir}", flush=True)
-    for path in sorted(model_dir.iterdir()):
-        tracker.log_artifact(path, "model")
-    if cfg["mlflow"].get("registered_model_name"):
-        version = tracker.register_model(cfg["mlflow"]["registered_model_name"], "model")
-        print(f"[train] registered as {cfg['mlflow']['registered_model_name']} version {version}", flush=True)
+    name = cfg["mlflow"].get("registered_model_name")
+    version = tracker.log_infgen_model(model_dir, name)
+    if version is not None:
+        print(f"[train] logged as an MLflow model, registered as {name} version {version} "
+              f"(models:/{name}@{NEWEST_ALIAS})", flush=True)
 
 
 class SampleGrid:
@@ -379,6 +380,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
                      - set(cfg))
     if missing:
         raise ValueError(f"training config: missing keys {missing}")
+    require(cfg, ("data", "output"), "training")
     dataclass_from(LossConfig, cfg["loss"])  # their own unknown-key and value checks
     dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
     Holdout.check(cfg.get("holdout"))

@@ -96,3 +96,22 @@ def test_presets_command(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "large" in out
+
+
+def test_decode_a_directory_at_two_sizes_skipping_bad_files(model_dir, tmp_path, capsys):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    torch.save(torch.randn(3, 4, 8, 8), tmp_path / "in" / "batch.pt")
+    np.save(tmp_path / "in" / "sub" / "one.npy", np.random.default_rng(0).standard_normal((4, 6, 10), np.float32))
+    (tmp_path / "in" / "broken.safetensors").write_bytes(b"not safetensors")
+    torch.save(torch.randn(3, 8, 8), tmp_path / "in" / "three_channels.pt")
+    out = tmp_path / "out"
+    args = ["decode", "--model", str(model_dir), "--latent", str(tmp_path / "in"), "--size", "64", "96x48",
+            "--out", str(out), "--format", "webp", "--batch-size", "2", "--dtype", "bf16"]
+    assert main(args) == 1  # done, with skips
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"batch_{i}_{s}.webp" for i in range(3) for s in ("64x64", "96x48")]
+                           + ["one_64x64.webp", "one_96x48.webp"])
+    assert Image.open(out / "one_96x48.webp").size == (96, 48)
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s)" in err and "broken.safetensors: could not read" in err
+    assert "three_channels.pt" in err and "3 channels" in err

@@ -22,10 +22,9 @@ def _filter(cfg: dict) -> None:
 
 
 def _download(cfg: dict) -> None:
-    from pipelines.download import _config
+    from pipelines.download import check_config
 
-    cfg = _config({**cfg, "input": cfg["input"] or f"{SHARED}data/filter/FINGERPRINT"})  # input is per run
-    assert cfg["distributor"] == "ray"
+    assert check_config(cfg)["distributor"] == "ray"
 
 
 def _encode(cfg: dict) -> None:
@@ -77,8 +76,20 @@ def _evaluate(cfg: dict) -> None:
     EvalConfig.from_mapping(cfg)
 
 
+def _decode(cfg: dict) -> None:
+    from pipelines.decode import DecodeConfig
+
+    local = plain_config(OmegaConf.load(ROOT / "conf/decode/local.yaml"))
+    assert _keys(cfg) == _keys(local), f"keys differ from conf/decode/local.yaml: {_keys(cfg) ^ _keys(local)}"
+    decode = DecodeConfig(**cfg)
+    assert decode.workers["num_gpus"] >= 1 and decode.tile and max(max(s) for s in decode.sizes) <= 8192
+    stage2 = plain_config(OmegaConf.load(CLUSTER / "train_stage2.yaml"))
+    assert cfg["model"] == f"models:/{stage2['mlflow']['registered_model_name']}@newest"  # what training registers
+
+
 VALIDATORS = {"filter.yaml": _filter, "download.yaml": _download, "encode.yaml": _encode,
-              "train_stage1.yaml": _train, "train_stage2.yaml": _train, "evaluate.yaml": _evaluate}
+              "train_stage1.yaml": _train, "train_stage2.yaml": _train, "evaluate.yaml": _evaluate,
+              "decode.yaml": _decode}
 
 
 def test_every_stage_has_a_cluster_config():
@@ -93,6 +104,9 @@ def test_cluster_config_is_valid(path, monkeypatch):
     text = path.read_text()
     assert text.startswith("#") and "ray job submit" in text.split("\n\n")[0], "header: purpose + submit command"
     cfg = plain_config(load_job_config(path))  # what the job sees (interpolations resolved)
+    per_run = [k for k in ("input", "data") if k in cfg and cfg[k] is None]  # required on the command line
+    assert all(f"{k}=" in text.split("\n\n")[0] for k in per_run), f"the header's command must set {per_run}"
+    cfg.update({k: f"{SHARED}stand-in/{k}" for k in per_run})
     assert cfg["mlflow"]["tracking_uri"].startswith("http://")  # the placeholder, when nothing is set
     if "output" in cfg:
         assert cfg["output"].startswith(SHARED) or "://" in cfg["output"]
@@ -136,3 +150,19 @@ def test_same_keys_as_the_local_config(cluster, local):
 
     theirs, ours = keys(ROOT / "conf" / f"{local}.yaml"), keys(CLUSTER / f"{cluster}.yaml")
     assert ours == theirs, f"conf/cluster/{cluster}.yaml vs conf/{local}.yaml: {sorted(ours ^ theirs)}"
+
+
+def test_overrides_inside_an_empty_section_reach_the_stage_checks():
+    """conf/cluster/train_stage1.yaml documents `model.grad_checkpointing=true` on its `model: {}` section."""
+    from pipelines.train import check_config
+
+    assert "model.grad_checkpointing=true" in (CLUSTER / "train_stage1.yaml").read_text()
+    data = "data=/mnt/shared/infgen/data/encoded/0123456789abcdef"
+    cfg = plain_config(load_job_config(CLUSTER / "train_stage1.yaml", ["model.grad_checkpointing=true", data]))
+    assert cfg["model"] == {"grad_checkpointing": True}
+    check_config(cfg)
+    bad = plain_config(load_job_config(CLUSTER / "train_stage1.yaml", ["model.grad_checkpointin=true", data]))
+    with pytest.raises(ValueError, match=r"unknown keys \['model.grad_checkpointin'\]"):
+        check_config(bad)
+    with pytest.raises(ValueError, match="unknown key in overrides"):
+        load_job_config(CLUSTER / "train_stage1.yaml", ["train.stepz=5"])  # outside empty sections: still strict

@@ -42,3 +42,30 @@ def test_infgen_decodes_pipeline_latents_at_any_size(pipeline, tiny_vae):
     assert out.shape == (1, 3, 100, 180)
     unscaled = latents / tiny_vae.scaling_factor  # raw encoder-space latents
     assert torch.allclose(model.decode(unscaled, (100, 180), scaled=False), out, atol=1e-5)
+
+
+def test_infgen_as_the_pipelines_vae_returns_the_large_image(pipeline, tiny_vae):
+    """`pipe.vae = InfGenVAE(...)`: the pipeline's own call returns a 1024² PIL image, the InfGen decode of the
+    latents it would have returned; fp16 latents decode; img2img's encode is the original VAE's."""
+    from PIL import Image
+
+    from infgen.adapter import InfGenVAE
+    from infgen.images import to_pil
+
+    latents = generate(pipeline, "latent")
+    model = InfGen.from_preset("tiny", scaling_factor=tiny_vae.scaling_factor).eval()
+    original = pipeline.vae
+    try:
+        pipeline.vae = InfGenVAE(model, original, size=1024)
+        image = generate(pipeline, "pil")[0]
+        assert isinstance(image, Image.Image) and image.size == (1024, 1024)
+        expected = to_pil(model.decode(latents, 1024)[0])
+        assert max(abs(a - b) for a, b in zip(image.getdata(0), expected.getdata(0))) <= 1
+        half = pipeline.vae.decode(latents.half() / tiny_vae.scaling_factor).sample
+        assert half.dtype == torch.float16 and half.shape == (1, 3, 1024, 1024)
+        pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+        assert torch.equal(pipeline.vae.encode(pixels).latent_dist.mean, original.encode(pixels).latent_dist.mean)
+    finally:
+        pipeline.vae = original
+    with pytest.raises(ValueError, match="another latent space"):
+        InfGenVAE(InfGen.from_preset("tiny", scaling_factor=0.5), original)

@@ -219,3 +219,14 @@ def test_config_validation():
         InfGenConfig(cross_attn_radius=0.5)
     with pytest.raises(ValueError, match="latent_kernel must be a positive odd number, got 2"):
         InfGenConfig(latent_kernel=2)
+
+
+def test_half_precision_latents_decode_like_float32(tiny):
+    """fp16 and bf16 pipelines return half latents: they decode (computed in the weights' dtype)."""
+    latents = torch.randn(1, 4, 8, 8)
+    reference = tiny.decode(latents, (64, 48))
+    for dtype in (torch.float16, torch.bfloat16):
+        images = tiny.decode(latents.to(dtype), (64, 48))
+        assert images.dtype == torch.float32
+        assert torch.equal(images, tiny.decode(latents.to(dtype).float(), (64, 48)))
+        assert (images - reference).abs().max() < 0.05

@@ -41,3 +41,40 @@ def test_unreachable_server_never_raises(caplog):
     assert tracker.run_id is None
     assert "MLflow start run failed" in caplog.text and "logging is skipped" in caplog.text
     assert time.time() - start < first_failure + 5
+
+
+def test_the_exported_model_is_an_mlflow_pyfunc_model(tmp_path):
+    """Logged from a run, registered with the alias: `mlflow.pyfunc.load_model` decodes at a requested size."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from infgen import InfGen
+
+    model = InfGen.from_preset("tiny").eval()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with Tracker(uri, "infgen-test", "pyfunc") as tracker:
+        assert tracker.log_infgen_model(model.save_pretrained(tmp_path / "exported"), "infgen-pyfunc") == "1"
+    client = MlflowClient(uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("infgen-pyfunc", "newest").run_id == tracker.run_id
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/infgen-pyfunc/1")
+    assert loaded.metadata.metadata["infgen_config"]["width"] == model.config.width
+    latents = np.random.default_rng(0).standard_normal((2, 4, 12, 16)).astype(np.float32)
+    images = loaded.predict(latents, params={"height": 768 // 8, "width": 1024 // 8})
+    expected = ((model.decode(torch.from_numpy(latents), (96, 128)) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    assert images.shape == (2, 96, 128, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - expected.numpy().astype(int)).max() <= 1
+    assert loaded.predict(latents[:1]).shape == (1, 96, 128, 3)  # no size: the VAE's native 8×
+
+
+def test_a_run_that_raises_ends_failed_or_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for error, status in ((RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")):
+        try:
+            with Tracker(uri, "infgen-test", "crash") as tracker:
+                raise error("stop")
+        except error:
+            pass
+        assert MlflowClient(uri).get_run(tracker.run_id).info.status == status

@@ -65,8 +65,19 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
     samples = [a.path for a in client.list_artifacts(result.run_id, "samples")]
     assert {"samples/samples_step0000010.png", "samples/samples_step0000020.png",
             "samples/samples_step0000024.png"} <= set(samples)  # sample_every need not be a multiple of log_every
-    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {"model/config.json", "model/model.safetensors"}
+    # logged as an MLflow model (pyfunc), registered from this run, the alias on it; it decodes as the export does
     assert [v.run_id for v in client.search_model_versions("name='infgen-test'")] == [result.run_id]
+    assert client.get_model_version_by_alias("infgen-test", "newest").run_id == result.run_id
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model("models:/infgen-test@newest")
+    assert pyfunc.metadata.metadata["scaling_factor"] == tiny_vae.scaling_factor
+    latents = torch.randn(1, 4, 16, 16)
+    images = pyfunc.predict(latents.numpy(), params={"height": 96, "width": 160})
+    expected = ((model.decode(latents, (96, 160)) + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1)
+    assert images.shape == (1, 96, 160, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - expected.numpy().astype(int)).max() <= 1
 
 
 def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
