@@ -74,7 +74,9 @@ class InfGenLoss(nn.Module):
         l1, l2 = error.abs().mean(), error.pow(2).mean()
         perceptual = self.lpips(images, targets).mean() if self.lpips is not None else images.new_zeros(())
         rec = c.l1_weight * l1 + c.l2_weight * l2 + c.lpips_weight * perceptual
-        log = {"l1": l1.item(), "l2": l2.item(), "lpips": perceptual.item(), "rec_loss": rec.item()}
+        log = {"l1": l1.item(), "l2": l2.item(), "rec_loss": rec.item()}
+        if self.lpips is not None:  # with a random backbone the term is not LPIPS: it is not logged as one
+            log["perceptual_random_backbone" if c.lpips_random_backbone else "lpips"] = perceptual.item()
         if not self.adversarial_on(step):
             return rec, {**log, "loss": rec.item()}
 

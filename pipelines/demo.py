@@ -100,9 +100,10 @@ def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path |
         images.append(model.decode(latent, (h, w), tile=256 if max(h, w) > 512 else None)[0])
         labels.append(f"{w}x{h}")
     image_grid([images], labels, cell=320).save(path)
-    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, "demo-figure",
-                 run_id=result.run_ids.get("pipeline")) as tracker:
-        tracker.log_artifact(path)
+    if result.run_ids.get("pipeline"):  # none when every stage was reused: no run for a figure that is the same
+        with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, "demo-figure",
+                     run_id=result.run_ids["pipeline"]) as tracker:
+            tracker.log_artifact(path)
     return path
 
 

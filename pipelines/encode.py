@@ -631,8 +631,8 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
 
     lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": where,
                "infgen.fingerprint": os.path.basename(out_dir), "infgen.config_hash": config_hash(asdict(cfg))}
-    tracker = (Tracker(cfg.mlflow["tracking_uri"], cfg.mlflow["experiment"], run_name="encode", tags=lineage)
-               if cfg.mlflow["enabled"] else None)
+    tracker = (Tracker(cfg.mlflow["tracking_uri"], cfg.mlflow["experiment"], run_name="encode", tags=lineage,
+                       system_metrics=True) if cfg.mlflow["enabled"] else None)
     with tracker or contextlib.nullcontext():
         if tracker:
             tracker.log_params({**asdict(cfg), "num_input_shards": len(inputs), "num_pending_shards": len(pending)})

@@ -123,8 +123,7 @@ class EvalConfig:
         return PatchProtocol(**self.patches)
 
     def validate(self) -> None:
-        require(vars(self), ("data", "output") + (("model",) if any(d.startswith("infgen") for d in self.decoders)
-                                                  else ()), "evaluation")
+        require(vars(self), ("data", "output"), "evaluation")
         if self.data_kind not in ("encoded", "latents"):
             raise ValueError(f"data_kind must be 'encoded' or 'latents', got {self.data_kind!r}")
         if self.data_kind == "latents" and not self.reference:
@@ -492,7 +491,7 @@ def run_evaluate(config: Any) -> StageResult:
     lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": where,
                "infgen.model": str(cfg.model), "infgen.config_hash": config_hash(params)}
     with Tracker(cfg.mlflow.get("tracking_uri"), cfg.mlflow.get("experiment", "infgen-eval"), cfg.name,
-                 tags=lineage) as tracker:
+                 tags=lineage, system_metrics=True) as tracker:
         tracker.log_params({**params, **cfg.protocol.to_dict(), "extractor_id": extractor_id(cfg),
                             "lpips_status": lpips_note, "samples": p.samples, "workers": cfg.workers})
         workers = cfg.workers
@@ -507,12 +506,12 @@ def run_evaluate(config: Any) -> StageResult:
 
         rows, summary = collect(cfg, actors, cache_fs, cache, cached)
         out, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, cached, time.time() - start)
-        for row in rows:
-            tracker.log_metrics({f"{m}/{row['decoder']}": row[m] for m in METRICS if row.get(m) is not None},
-                                step=row["resolution"])
+        for row in rows:  # the resolution in the name, not on the step axis
             tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
                                  for m in METRICS if row.get(m) is not None})
         tracker.log_metrics({"eval_seconds": time.time() - start, "samples": p.samples})
+        tracker.log_table(rows, "evaluation/results_table.json")
+        tracker.set_note(evaluation_note(rows, p.samples, extractor_id(cfg), lpips_note))
         with local_files(fs, [f"{out_dir}/{name}" for name in out]) as paths:
             for path in paths:
                 tracker.log_artifact(path, "evaluation")
@@ -723,6 +722,20 @@ def crop_grid(crops: dict, keys: list[str], res: int, decoders: list[str]) -> Op
     buffer = io.BytesIO()
     image_grid(rows, labels, cell=max(max(c.shape[1:]) for row in rows for c in row)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def evaluation_note(rows: list[dict], samples: int, extractor: str, lpips_note: str) -> str:
+    """One paragraph: infgen against VAE + bicubic at each resolution (PSNR, SSIM), and the caveats."""
+    by = {(r["decoder"], r["resolution"]): r for r in rows}
+    parts = []
+    for res in sorted({r["resolution"] for r in rows}):
+        ours, base = by.get(("infgen", res)), by.get(("vae_bicubic", res))
+        if ours and base and ours.get("psnr") is not None and base.get("psnr") is not None:
+            parts.append(f"{res}: {ours['psnr']:.2f} vs {base['psnr']:.2f} dB ({ours['psnr'] - base['psnr']:+.2f})")
+    head = (f"infgen against VAE decode + bicubic, PSNR on {samples} held-out samples: " + "; ".join(parts) + "."
+            if parts else f"{samples} samples; decoders: {sorted({r['decoder'] for r in rows})}.")
+    return (f"{head} Patch features: {extractor}. LPIPS: {lpips_note}. Full table: evaluation/results_table.json "
+            f"and results.csv; side-by-side crops: evaluation/crops_<resolution>.png.")
 
 
 def print_table(rows: list[dict]) -> None:

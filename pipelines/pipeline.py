@@ -133,6 +133,11 @@ def run_pipeline(config: Any, input_uri: Optional[str] = None) -> PipelineResult
                                  f"infgen.{stage}.run_id": out.run_id})
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)
+        if result.stages and all(getattr(out, "skipped", False) for out in result.stages.values()):
+            parent.discard()  # every stage was complete: a parent run would hold nothing new
+            result.run_ids["pipeline"] = None
+            print("every stage was complete already: no new MLflow runs", flush=True)
+            return result
         if "evaluate" in result.stages:
             fs, directory = output_root(result.stages["evaluate"].output)
             with local_files(fs, [f"{directory}/results.csv", f"{directory}/metrics_vs_resolution.png"]) as paths:

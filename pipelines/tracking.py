@@ -27,6 +27,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARENT_RUN_ENV = "INFGEN_MLFLOW_PARENT_RUN_ID"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 NEWEST_ALIAS = "newest"  # the registered model's alias for its latest trained version ("latest" is reserved)
 
 
@@ -81,7 +82,7 @@ class Tracker:
     def __init__(self, tracking_uri: Optional[str], experiment: str, run_name: str,
                  tags: Optional[Mapping[str, str]] = None, parent_run_id: Optional[str] = None,
                  retries: int = 3, backoff_s: float = 1.0, run_id: Optional[str] = None,
-                 reconnect_s: float = 60.0) -> None:
+                 reconnect_s: float = 60.0, system_metrics: bool = False) -> None:
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
         self.experiment, self.run_name = experiment, run_name
         self.tags = dict(tags or {})
@@ -91,6 +92,8 @@ class Tracker:
         self.resume_run_id = run_id  # continue this run (a resumed training) instead of creating one
         self.run_id: Optional[str] = None
         self.client = None
+        self.system_metrics = system_metrics  # CPU, memory, disk, network, GPU as system/* metrics while it runs
+        self._monitor = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -113,8 +116,13 @@ class Tracker:
                 return self.resume_run_id
             experiment = self.client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-                self.experiment, artifact_location=local_artifact_location(self.tracking_uri))
-            tags = {"mlflow.runName": self.run_name, "infgen.git_commit": git_commit(), **self.tags}
+                self.experiment, artifact_location=local_artifact_location(self.tracking_uri),
+                # the UI then opens on the runs table (model training), not on GenAI traces
+                tags={EXPERIMENT_KIND: "custom_model_development"})
+            commit = git_commit()
+            tags = {"mlflow.runName": self.run_name, "infgen.git_commit": commit, **self.tags}
+            if commit != "unknown":
+                tags["mlflow.source.git.commit"] = commit  # MLflow's own tag: the UI links the run to its source
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
             return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
@@ -126,9 +134,28 @@ class Tracker:
                         self.reconnect_s)
         else:
             log.info("MLflow run %s (%s) at %s", self.run_id, self.run_name, self.tracking_uri)
+            if self.system_metrics:
+                self._monitor = self._try("start system metrics", self._start_monitor)
         return self.run_id
 
+    def _start_monitor(self):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri,
+                                       resume_logging=bool(self.resume_run_id))
+        monitor.start()
+        return monitor
+
+    def discard(self) -> None:
+        """Delete this run (MLflow keeps it in the trash): a run that recorded nothing new."""
+        if self.run_id:
+            self._try("delete run", lambda: self.client.delete_run(self.run_id))
+            self.run_id = None
+
     def end(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._try("stop system metrics", self._monitor.finish)
+            self._monitor = None
         if self.run_id:
             self._try("end run", lambda: self.client.set_terminated(self.run_id, status))
 
@@ -157,6 +184,16 @@ class Tracker:
 
     def log_dict(self, obj: Any, name: str) -> None:
         self._call("log dict", lambda: self.client.log_dict(self.run_id, obj, name))
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """Rows as an MLflow table artifact (`name`, .json): the UI's artifact view shows and compares it."""
+        import pandas as pd
+
+        self._call("log table", lambda: self.client.log_table(self.run_id, pd.DataFrame(rows), name))
+
+    def set_note(self, text: str) -> None:
+        """The run's description (`mlflow.note.content`): what a user reads first on the run's page."""
+        self.set_tags({"mlflow.note.content": text})
 
     def log_figure(self, figure: Any, name: str) -> None:
         self._call("log figure", lambda: self.client.log_figure(self.run_id, figure, name))

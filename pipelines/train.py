@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import random
@@ -39,6 +40,7 @@ from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_has
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainResult:
     checkpoint: Optional[str]  # the last checkpoint directory
     metrics: dict
     run_id: Optional[str]
+    skipped: bool = False  # a finished run of the same config: nothing was trained, exported or registered
 
     @property
     def output(self) -> str:
@@ -232,7 +235,8 @@ def train_loop(cfg: dict) -> None:
     tracker = sampler = None
     if rank == 0:
         tracker = Tracker(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment"], cfg["name"],
-                          tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"))
+                          tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"),
+                          system_metrics=True)
         run_id = tracker.start()
         if not checkpoint:
             tracker.log_params(cfg["params"])
@@ -303,14 +307,31 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
 
 
 def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> None:
-    model_dir = Path(cfg["run_dir"]) / "model"
+    """The EMA model to <run_dir>/model, logged and registered in MLflow (one version per trained model: an
+    export of the same step and config as the last registers nothing), then EXPORTED."""
+    run_dir = Path(cfg["run_dir"])
+    model_dir = run_dir / "model"
     trainer.ema.save_pretrained(model_dir)
     print(f"[train] exported the EMA model to {model_dir}", flush=True)
+    last = json.loads((run_dir / EXPORTED).read_text()) if (run_dir / EXPORTED).is_file() else {}
+    done = {"step": trainer.step, "config_hash": cfg["lineage"]["infgen.config_hash"], "run_id": tracker.run_id}
     name = cfg["mlflow"].get("registered_model_name")
-    version = tracker.log_infgen_model(model_dir, name)
-    if version is not None:
-        print(f"[train] logged as an MLflow model, registered as {name} version {version} "
-              f"(models:/{name}@{NEWEST_ALIAS})", flush=True)
+    version = last.get("model_version") if {k: last.get(k) for k in done} == done else None
+    if version is None:
+        version = tracker.log_infgen_model(model_dir, name)
+        if version is not None:
+            print(f"[train] logged as an MLflow model, registered as {name} version {version} "
+                  f"(models:/{name}@{NEWEST_ALIAS})", flush=True)
+    (run_dir / EXPORTED).write_text(json.dumps({**done, "model_version": version}))
+
+
+def finished_run(run_dir: str, steps: int, config_hash_: str) -> Optional[dict]:
+    """EXPORTED of a run that reached `steps` with this config (a rerun is then a no-op), else None."""
+    path = Path(run_dir) / EXPORTED
+    if "://" in run_dir or not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done if done.get("step") == steps and done.get("config_hash") == config_hash_ else None
 
 
 class SampleGrid:
@@ -432,8 +453,16 @@ def run_train(config: Any) -> TrainResult:
                 "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
                 "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
                             "infgen.output": os.path.join(storage, cfg["name"]),
-                            "infgen.config_hash": config_hash(cfg)},
+                            # what shapes the model: not where it is logged or run (a rerun's new server port)
+                            "infgen.config_hash": config_hash({k: v for k, v in cfg.items()
+                                                              if k not in ("mlflow", "ray")})},
                 "samples": {**cfg["samples"], "latents": latents, "hr": hr}}
+    finished = finished_run(loop_cfg["run_dir"], train["steps"], loop_cfg["lineage"]["infgen.config_hash"])
+    if finished:
+        print(f"[train] {loop_cfg['run_dir']} finished {train['steps']} steps with this config already: nothing to "
+              f"do (MLflow run {finished['run_id']}, model version {finished.get('model_version')})", flush=True)
+        return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"), checkpoint=None, metrics={},
+                           run_id=finished["run_id"], skipped=True)
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(

@@ -71,3 +71,24 @@ def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys)
         assert tags["infgen.stage"] == stage and run.data.metrics, stage
     evaluation = client.get_run(result.run_ids["evaluate"])
     assert "fidp/infgen/256" in evaluation.data.metrics and "psnr/vae_bicubic/128" in evaluation.data.metrics
+
+    # the trained model is registered as an MLflow model: with the demo's server up again, it decodes at 1024×768
+    import mlflow
+    import numpy as np
+
+    from pipelines.services import mlflow_server
+
+    with mlflow_server(tmp_path / "demo" / "mlflow") as uri:
+        mlflow.set_tracking_uri(uri)
+        model = mlflow.pyfunc.load_model("models:/infgen-demo@newest")
+        latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+        assert model.predict(latents, params={"height": 768, "width": 1024}).shape == (1, 768, 1024, 3)
+
+    # a rerun finds every stage complete: it says so and adds no run and no model version
+    runs = len(client.search_runs([parent.info.experiment_id]))
+    again = run_demo(cfg)
+    assert all(out.skipped for out in again.stages.values()), {s: out.skipped for s, out in again.stages.items()}
+    assert again.run_ids["pipeline"] is None
+    assert len(client.search_runs([parent.info.experiment_id])) == runs
+    assert len(client.search_model_versions("name='infgen-demo'")) == 1
+    assert "every stage was complete already" in capsys.readouterr().out

@@ -16,8 +16,8 @@ def test_warm_up_then_adversarial():
     images = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
     targets = torch.rand(2, 3, 64, 64) * 2 - 1
     total, log = loss.generator_loss(images, targets, step=0)
-    assert set(log) == {"l1", "l2", "lpips", "rec_loss", "loss"}
-    assert total.item() == pytest.approx(log["l1"] + 0.1 * log["lpips"], rel=1e-5)
+    assert set(log) == {"l1", "l2", "perceptual_random_backbone", "rec_loss", "loss"}  # random: never "lpips"
+    assert total.item() == pytest.approx(log["l1"] + 0.1 * log["perceptual_random_backbone"], rel=1e-5)
     d_loss, d_log = loss.discriminator_loss(images, targets, step=0)
     assert not d_loss.requires_grad and d_log == {"d_loss": 0.0}
 

@@ -78,3 +78,17 @@ def test_a_run_that_raises_ends_failed_or_killed(tmp_path):
         except error:
             pass
         assert MlflowClient(uri).get_run(tracker.run_id).info.status == status
+
+
+def test_mlflow_conventions_experiment_kind_git_commit_system_metrics(tmp_path, monkeypatch):
+    from pipelines.tracking import git_commit
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # 10 s by default
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with Tracker(uri, "infgen-kind", "conventions", system_metrics=True) as tracker:
+        time.sleep(2)
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("infgen-kind").tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == git_commit() != "unknown"
+    assert any(k.startswith("system/") for k in run.data.metrics)
