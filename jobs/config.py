@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -45,6 +47,17 @@ def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConf
         raise ValueError(f"config {path}: unknown key in overrides ({e.msg})") from None
     OmegaConf.set_struct(config, False)
     return config
+
+
+@contextlib.contextmanager
+def job_errors() -> Iterator[None]:
+    """Bad input or config (a ValueError naming the problem) → that one line on stderr and exit status 2, not a
+    traceback; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 PLACEHOLDERS = ("FINGERPRINT", "<fp>", "<fingerprint>", "YOUR-BUCKET")

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-from jobs.config import parse_job_args
+from jobs.config import job_errors, parse_job_args
 from pipelines.common import dataclass_from
 from pipelines.decode import DecodeConfig, run_decode
 
 
 def main() -> None:
-    result = run_decode(parse_job_args(__doc__, check=lambda cfg: dataclass_from(DecodeConfig, cfg)))
+    cfg = parse_job_args(__doc__, check=lambda cfg: dataclass_from(DecodeConfig, cfg))
+    with job_errors():
+        result = run_decode(cfg)
     print(f"images: {result.output}\nMLflow run: {result.run_id}")
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import logging
 
-from jobs.config import parse_job_args
+from jobs.config import job_errors, parse_job_args
 from pipelines.encode import EncodeConfig, run_encode
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_job_args(__doc__, check=EncodeConfig.from_mapping)
-    result = run_encode(cfg)
+    with job_errors():
+        result = run_encode(cfg)
     stats = result.stats
     state = "already complete, nothing done" if result.skipped else f"MLflow run {result.run_id}"
     print(f"encode: {stats['encoded']}/{stats['images_in']} images encoded, skipped "

@@ -3,12 +3,14 @@
     python -m jobs.evaluate --config conf/eval/local.yaml [key=value ...]
 """
 
-from jobs.config import parse_job_args
+from jobs.config import job_errors, parse_job_args
 from pipelines.evaluate import EvalConfig, run_evaluate
 
 
 def main() -> None:
-    result = run_evaluate(parse_job_args(__doc__, check=EvalConfig.from_mapping))
+    cfg = parse_job_args(__doc__, check=EvalConfig.from_mapping)
+    with job_errors():
+        result = run_evaluate(cfg)
     print(f"results: {result.output}\nMLflow run: {result.run_id}")
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 
-from jobs.config import parse_job_args
+from jobs.config import job_errors, parse_job_args
 from pipelines.filter import check_config, run_filter
 
 
 def main() -> None:
     cfg = parse_job_args(__doc__, check=check_config)
-    result = run_filter(cfg)
+    with job_errors():
+        result = run_filter(cfg)
     stats = result.stats
     print(json.dumps({"output": result.output, "skipped": result.skipped, "run_id": result.run_id,
                       "rows_in": stats["rows_in"], "rows_out": stats["rows_out"], "dropped": stats["dropped"]}, indent=2))

@@ -3,13 +3,15 @@
     python -m jobs.train --config conf/train/local.yaml [key=value ...]
 """
 
-from jobs.config import parse_job_args
+from jobs.config import job_errors, parse_job_args
 from pipelines.common import plain_config
 from pipelines.train import check_config, run_train
 
 
 def main() -> None:
-    result = run_train(parse_job_args(__doc__, check=lambda cfg: check_config(plain_config(cfg))))
+    cfg = parse_job_args(__doc__, check=lambda cfg: check_config(plain_config(cfg)))
+    with job_errors():
+        result = run_train(cfg)
     print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}\nMLflow run: {result.run_id}")
 
 

@@ -50,7 +50,7 @@ from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_comp
                               resolve_files, write_json)
 
 
-FORMAT_VERSION = 1  # bump when the output changes for the same inputs and parameters (new fingerprint)
+FORMAT_VERSION = 2  # 2: URLs normalised (normalize_urls) before dedup. Bump when the output changes for the same inputs and parameters (new fingerprint)
 
 # Row-level reasons, in the order they are checked; then the two global ones.
 ROW_REASONS = ("bad_size", "too_small", "short_side", "aspect_ratio", "low_aesthetic", "unsafe", "watermark",
@@ -141,18 +141,36 @@ def column_mapping(path: str, schema: pa.Schema, params: Mapping[str, Any]) -> t
     for out in ("width", "height", "aesthetic", "punsafe", "pwatermark", "similarity"):
         col = mapping[out]
         kind = schema.field(col).type if col is not None else None
-        if kind is not None and not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        # a null-typed column is a valid all-null column (what writers give a column with no value at all)
+        if kind is not None and not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
             raise ValueError(f"{path}: column {col!r} has type {kind}, expected a number")
     for out in ("url", "caption"):
         col = mapping[out]
         kind = schema.field(col).type if col is not None else None
-        if kind is not None and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if kind is not None and not _is_text(kind):
             raise ValueError(f"{path}: column {col!r} has type {kind}, expected a string")
     for key, out in NEEDS_COLUMN.items():
         if params[key] is not None and mapping[out] is None:
             raise ValueError(f"{path}: {key}={params[key]} is set but the file has no {' or '.join(SOURCES[out])} "
                              f"column (laion-high-resolution has no aesthetic score): set {key}: null for such inputs")
     return tuple(mapping.items())
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """string, large_string, a dictionary of either, or null (all-null)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def normalize_urls(url: pa.Array) -> pa.Array:
+    """URLs as they are fetched and deduplicated: the `#fragment` dropped (it never reaches the server) and
+    characters that may not appear in a URL (space, quotes, angle brackets, ...) percent-encoded (RFC 3986), as
+    browsers send them; anything else is left as it is."""
+    url = pc.replace_substring_regex(pc.cast(url, pa.string()), r"#.*$", "")
+    for char in ' "<>\\^`{|}':
+        url = pc.replace_substring(url, char, f"%{ord(char):02X}")
+    return url
 
 
 def inspect_inputs(fs: pafs.FileSystem, paths: list[str],
@@ -293,6 +311,7 @@ def filter_batch(batch: pa.Table, mapping: tuple, params: Mapping[str, Any], par
     """Pass-1 UDF: the rows passing every row-level check (OUTPUT_SCHEMA + INTERNAL keys) plus one stats row per
     failing reason (`_reason` > 0, `_count` rows, `_part` = -1, every other column null)."""
     src = dict(mapping)
+    batch = batch.set_column(batch.schema.get_field_index(src["url"]), src["url"], normalize_urls(batch[src["url"]]))
     reason = _row_reasons(batch, src, params)
     idx = np.flatnonzero(reason == 0)
     reason[idx] = _url_reasons(batch[src["url"]].take(idx), params["allow_private_hosts"])

@@ -25,6 +25,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # one line per download, not a redrawn bar per file (models:/ URIs in evaluate)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if os.environ.get("INFGEN_VERBOSE") != "1":  # the jobs print their runs' ids and the UI's address themselves
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 PARENT_RUN_ENV = "INFGEN_MLFLOW_PARENT_RUN_ID"
 EXPERIMENT_KIND = "mlflow.experimentKind"

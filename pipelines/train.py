@@ -40,6 +40,7 @@ from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_has
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+RUN_CONFIG = "run_config.json"  # in the run directory: what its checkpoints were trained with (check_resume)
 EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
 
 
@@ -325,6 +326,29 @@ def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> 
     (run_dir / EXPORTED).write_text(json.dumps({**done, "model_version": version}))
 
 
+def check_resume(run_dir: str, cfg: Mapping[str, Any]) -> None:
+    """A rerun resumes the checkpoints in `run_dir` only with the model, loss and data they were trained with:
+    anything else is a ValueError on the driver naming the keys that differ (before any worker starts and dies
+    on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
+    from pipelines.tracking import flatten
+
+    if "://" in run_dir:
+        return
+    shape = json.loads(json.dumps({k: cfg.get(k) for k in ("preset", "model", "loss", "data", "vae")}, default=str))
+    path = Path(run_dir) / RUN_CONFIG
+    if path.is_file():
+        old, new = flatten(json.loads(path.read_text())), flatten(shape)
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            changes = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
+            raise ValueError(f"{run_dir} holds checkpoints trained with another config ({changes}); to resume, use "
+                             f"the same values; to start from its weights, use another name with "
+                             f"init_from={run_dir}/model")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(shape, indent=2))
+
+
 def finished_run(run_dir: str, steps: int, config_hash_: str) -> Optional[dict]:
     """EXPORTED of a run that reached `steps` with this config (a rerun is then a no-op), else None."""
     path = Path(run_dir) / EXPORTED
@@ -457,6 +481,7 @@ def run_train(config: Any) -> TrainResult:
                             "infgen.config_hash": config_hash({k: v for k, v in cfg.items()
                                                               if k not in ("mlflow", "ray")})},
                 "samples": {**cfg["samples"], "latents": latents, "hr": hr}}
+    check_resume(loop_cfg["run_dir"], cfg)
     finished = finished_run(loop_cfg["run_dir"], train["steps"], loop_cfg["lineage"]["infgen.config_hash"])
     if finished:
         print(f"[train] {loop_cfg['run_dir']} finished {train['steps']} steps with this config already: nothing to "

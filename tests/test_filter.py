@@ -341,3 +341,28 @@ def test_mlflow_server(ray_local, tmp_path, mlflow_server):
     assert run.data.metrics["rows_in"] == 5 and run.data.metrics["dropped_over_max_rows"] == 2
     assert {a.path for a in client.list_artifacts(result.run_id)} >= {"_stats.json", "filter_histograms.png"}
     assert client.get_experiment(run.info.experiment_id).name == "test-filter"
+
+
+def test_odd_parquet_and_urls_from_the_field(ray_local, tmp_path, mlflow_uri):
+    """A part whose TEXT is all null (arrow type null) beside a normal one; dictionary-encoded and large strings;
+    URLs that differ only by a #fragment or by a raw space (the same file on the server): one row each, the URL
+    as it is fetched."""
+    good = dict(width=2400, height=1600)
+    normal = [dict(url="https://img.example.com/a b.jpg", text="first", **good),
+              dict(url="https://img.example.com/c.jpg#top", text="second", **good)]
+    odd = [dict(url="https://img.example.com/a%20b.jpg", text=None, **good),
+           dict(url="https://img.example.com/c.jpg", text=None, **good),
+           dict(url="https://img.example.com/d.jpg", text=None, **good)]
+    write_laion_parquet(tmp_path / "in" / "normal.parquet", normal, "aesthetics_v2")
+    table = pq.read_table(write_laion_parquet(tmp_path / "tmp" / "odd.parquet", odd, "aesthetics_v2"))
+    table = table.set_column(table.schema.get_field_index("TEXT"), "TEXT", pa.nulls(3))  # arrow type null
+    table = table.set_column(table.schema.get_field_index("URL"), "URL",
+                             pc.cast(table["URL"], pa.large_string()).dictionary_encode())
+    pq.write_table(table, tmp_path / "in" / "odd.parquet")
+    assert pq.read_schema(tmp_path / "in" / "odd.parquet").field("TEXT").type == pa.null()
+
+    result = run_filter(config(tmp_path / "in", tmp_path / "out", mlflow_uri, min_aesthetic=None,
+                               max_punsafe=None, max_pwatermark=None))
+    assert result.stats["rows_in"] == 5 and result.stats["dropped"]["duplicate_url"] == 2
+    assert sorted(read_output(result)["url"].to_pylist()) == [
+        "https://img.example.com/a%20b.jpg", "https://img.example.com/c.jpg", "https://img.example.com/d.jpg"]

@@ -188,3 +188,15 @@ def test_unknown_training_keys_fail_before_any_worker_starts(tmp_path):
     cfg.holdout.fraction = 1.5
     with pytest.raises(ValueError, match=r"holdout.fraction must be a number in \[0, 1\), got 1.5"):
         run_train(cfg)
+
+
+def test_a_rerun_with_another_model_config_is_refused_before_any_worker_starts(tmp_path):
+    from pipelines.train import check_resume
+
+    cfg = {"preset": "tiny", "model": {"scaling_factor": 0.18215}, "loss": {"l1_weight": 1.0}, "data": "d", "vae": "tiny"}
+    check_resume(str(tmp_path / "run"), cfg)  # the first run records what it trains with
+    check_resume(str(tmp_path / "run"), cfg)  # the same again: resumes
+    changed = {**cfg, "model": {"scaling_factor": 0.18215, "width": 32}}
+    with pytest.raises(ValueError, match=r"run holds checkpoints trained with another config \(model.width: None → 32\)"
+                                         r".*init_from="):
+        check_resume(str(tmp_path / "run"), changed)
