@@ -388,11 +388,16 @@ class InfGen(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "InfGen":
-        """Load a model written by save_pretrained; any mismatch between config and weights is an error."""
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu",
+                        revision: Optional[str] = None) -> "InfGen":
+        """Load a model written by save_pretrained, from a local directory or a Hugging Face Hub repo id
+        ("org/name", fetched through huggingface_hub into its cache; offline, HF_HUB_OFFLINE=1, only what is
+        cached). Any mismatch between config and weights, or a repo that cannot be had, is a ValueError."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if not Path(directory).exists() and _looks_like_repo_id(str(directory)):
+            directory = _from_hub(str(directory), revision)
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
@@ -413,6 +418,19 @@ class InfGen(nn.Module):
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
         model.load_state_dict(state)
         return model
+
+    def push_to_hub(self, repo_id: str, private: bool = True, commit_message: str = "Upload InfGen") -> str:
+        """save_pretrained into a Hugging Face Hub model repo (created if needed; huggingface_hub's login or
+        HF_TOKEN); returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=commit_message))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -555,6 +573,23 @@ def parse_size(size: Size, max_size: int) -> tuple[int, int]:
             raise ValueError(f"size {size!r} is above this model's maximum of {max_size} pixels per side "
                              f"(use iterative upsampling, or raise max_size in the config)")
     return pair
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _from_hub(repo_id: str, revision: Optional[str]) -> str:
+    """The local snapshot of an InfGen repo on the Hub (config + weights only)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+    except Exception as e:  # offline, no such repo, no access: say which and how to get past it
+        raise ValueError(f"{repo_id}: not a local directory, and the Hugging Face Hub repo could not be fetched "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, pass the "
+                         f"model's local directory") from None
 
 
 def load_config(path: Union[str, Path]) -> InfGenConfig:

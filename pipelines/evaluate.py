@@ -506,9 +506,13 @@ def run_evaluate(config: Any) -> StageResult:
 
         rows, summary = collect(cfg, actors, cache_fs, cache, cached)
         out, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, cached, time.time() - start)
+        version = tracker.model_version(str(cfg.model), exported_record(cfg.model))
+        if version is not None:  # the evaluation is linked to the model version it scored, and shows on its page
+            tracker.set_tags({"infgen.model_name": version.name, "infgen.model_version": version.version})
         for row in rows:  # the resolution in the name, not on the step axis
             tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
-                                 for m in METRICS if row.get(m) is not None})
+                                 for m in METRICS if row.get(m) is not None},
+                                model_id=getattr(version, "model_id", None) if row["decoder"] == "infgen" else None)
         tracker.log_metrics({"eval_seconds": time.time() - start, "samples": p.samples})
         tracker.log_table(rows, "evaluation/results_table.json")
         tracker.set_note(evaluation_note(rows, p.samples, extractor_id(cfg), lpips_note))
@@ -722,6 +726,16 @@ def crop_grid(crops: dict, keys: list[str], res: int, decoders: list[str]) -> Op
     buffer = io.BytesIO()
     image_grid(rows, labels, cell=max(max(c.shape[1:]) for row in rows for c in row)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def exported_record(model: Optional[str]) -> Optional[dict]:
+    """What training recorded beside an exported model directory (pipelines.train.EXPORTED), if anything."""
+    from pipelines.train import EXPORTED
+
+    if not model or "://" in model or model.startswith(("runs:/", "models:/")):
+        return None
+    path = Path(model).parent / EXPORTED
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def evaluation_note(rows: list[dict], samples: int, extractor: str, lpips_note: str) -> str:

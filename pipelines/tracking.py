@@ -71,6 +71,34 @@ def git_commit() -> str:
     return commit or os.environ.get(GIT_COMMIT_ENV) or "unknown"
 
 
+def _digest(uri: str, fingerprint: Optional[str] = None) -> str:
+    """A dataset's digest: its fingerprint (a stage output's directory is named by one), else a hash of the URI."""
+    last = uri.rstrip("/").rsplit("/", 1)[-1]
+    if fingerprint:
+        return fingerprint
+    if len(last) == 16 and all(c in "0123456789abcdef" for c in last):
+        return last
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def lineage_datasets(tags: Mapping[str, str]) -> list:
+    """MLflow dataset inputs for a stage's lineage tags: `infgen.input` (context training / evaluation / input by
+    stage) and `infgen.output` (context output), digests from fingerprints (mlflow.log_input's model)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    stage = tags.get("infgen.stage", "")
+    context = {"train": "training", "evaluate": "evaluation"}.get(stage, "input")
+    found = []
+    for key, ctx, fp in (("infgen.input", context, None), ("infgen.output", "output", tags.get("infgen.fingerprint"))):
+        uri = tags.get(key)
+        if uri and stage != "pipeline":
+            name = f"{stage} {'input' if key == 'infgen.input' else 'output'}"
+            dataset = Dataset(name=name, digest=_digest(str(uri), fp), source_type="path",
+                              source=json.dumps({"uri": str(uri)}))
+            found.append(DatasetInput(dataset, [InputTag("mlflow.data.context", ctx)]))
+    return found
+
+
 def local_artifact_location(tracking_uri: str) -> Optional[str]:
     """Artifacts of a `sqlite:///path/mlflow.db` store go beside it (`path/mlartifacts`), not into ./mlruns of
     whatever directory the job ran in; None (MLflow's default) for servers."""
@@ -128,7 +156,11 @@ class Tracker:
                 tags["mlflow.source.git.commit"] = commit  # MLflow's own tag: the UI links the run to its source
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
+            run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
+            datasets = lineage_datasets(self.tags)
+            if datasets:  # the runs table's Dataset column: what the stage read and wrote
+                self.client.log_inputs(run_id, datasets)
+            return run_id
 
         self.run_id = self._try("start run", create)
         if self.run_id is None:
@@ -171,11 +203,13 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self._call("log params", lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None,
+                    model_id: Optional[str] = None) -> None:
+        """Metrics at `step`; with `model_id` (a logged model's) they also show on that model's page."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, step or 0, model_id=model_id) for k, v in metrics.items() if v is not None]
         self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -187,6 +221,26 @@ class Tracker:
 
     def log_dict(self, obj: Any, name: str) -> None:
         self._call("log dict", lambda: self.client.log_dict(self.run_id, obj, name))
+
+    def model_version(self, source: str, exported: Optional[Mapping[str, Any]] = None) -> Any:
+        """The registered version (an MLflow ModelVersion) behind a model being scored: a models:/NAME/VERSION or
+        models:/NAME@alias URI, or the record training wrote beside an exported directory (`exported`: its
+        model_name and model_version); None when there is none."""
+        def find() -> Any:
+            if source.startswith("models:/"):
+                ref = source[len("models:/"):].rstrip("/")
+                if "@" in ref:
+                    return self.client.get_model_version_by_alias(*ref.split("@", 1))
+                return self.client.get_model_version(*ref.rsplit("/", 1))
+            if exported and exported.get("model_name") and exported.get("model_version"):
+                return self.client.get_model_version(exported["model_name"], str(exported["model_version"]))
+            return None
+
+        return self._call("find the model version", find)
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image under `key` at `step`: the UI shows it with a step slider."""
+        self._call("log image", lambda: self.client.log_image(self.run_id, image, key=key, step=step))
 
     def log_table(self, rows: list[dict], name: str) -> None:
         """Rows as an MLflow table artifact (`name`, .json): the UI's artifact view shows and compares it."""

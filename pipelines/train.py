@@ -323,7 +323,7 @@ def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> 
         if version is not None:
             print(f"[train] logged as an MLflow model, registered as {name} version {version} "
                   f"(models:/{name}@{NEWEST_ALIAS})", flush=True)
-    (run_dir / EXPORTED).write_text(json.dumps({**done, "model_version": version}))
+    (run_dir / EXPORTED).write_text(json.dumps({**done, "model_name": name, "model_version": version}))
 
 
 def check_resume(run_dir: str, cfg: Mapping[str, Any]) -> None:
@@ -375,6 +375,7 @@ class SampleGrid:
 
     @torch.no_grad()
     def log(self, model: InfGen, tracker: Tracker, step: int) -> None:
+        from infgen.images import to_pil
         from infgen.metrics import psnr
         from infgen.visualize import image_grid
 
@@ -382,6 +383,8 @@ class SampleGrid:
         rows, labels = [[] for _ in range(len(self.latents))], []
         for size in self.sizes:
             decoded = model.decode(self.latents.to(self.device), size).cpu()
+            if size == max(self.sizes, key=lambda s: s[0] * s[1]):
+                decoded_largest = decoded
             tracker.log_metrics({f"sample_psnr_{size[1]}x{size[0]}": psnr(decoded, self.truth[size]).mean().item(),
                                  f"baseline_psnr_{size[1]}x{size[0]}":
                                      psnr(self.baseline[size], self.truth[size]).mean().item()}, step=step)
@@ -392,6 +395,14 @@ class SampleGrid:
             path = Path(directory) / f"samples_step{step:07d}.png"
             image_grid(rows, labels, cell=160).save(path)
             tracker.log_artifact(path, "samples")
+        # the grid's thumbnails hide the detail infgen is about: a centre crop of the largest size at full
+        # resolution, truth | VAE+bicubic | infgen, step-indexed (the UI's slider)
+        size = max(self.sizes, key=lambda s: s[0] * s[1])
+        crop = min(256, *size)
+        top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
+        cells = [t[0, :, top:top + crop, left:left + crop] for t in
+                 (self.truth[size], self.baseline[size], decoded_largest)]
+        tracker.log_image(to_pil(torch.cat(cells, dim=2)), key=f"centre_crop_{size[1]}x{size[0]}", step=step)
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------

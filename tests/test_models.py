@@ -230,3 +230,21 @@ def test_half_precision_latents_decode_like_float32(tiny):
         assert images.dtype == torch.float32
         assert torch.equal(images, tiny.decode(latents.to(dtype).float(), (64, 48)))
         assert (images - reference).abs().max() < 0.05
+
+
+def test_from_pretrained_takes_a_hub_repo_id_through_the_hub_cache(tiny, tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1, as the tests run): a repo id loads from huggingface_hub's cache, an uncached one
+    is a ValueError saying so. The cache is laid out as huggingface_hub writes it."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--someorg--infgen-tiny"
+    tiny.save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    loaded = InfGen.from_pretrained("someorg/infgen-tiny")
+    latents = torch.randn(1, 4, 8, 8)
+    assert torch.equal(loaded.eval().decode(latents, 48), tiny.decode(latents, 48))
+    with pytest.raises(ValueError, match="someorg/other: not a local directory, and the Hugging Face Hub repo"):
+        InfGen.from_pretrained("someorg/other")

@@ -92,3 +92,27 @@ def test_mlflow_conventions_experiment_kind_git_commit_system_metrics(tmp_path, 
     run = client.get_run(tracker.run_id)
     assert run.data.tags["mlflow.source.git.commit"] == git_commit() != "unknown"
     assert any(k.startswith("system/") for k in run.data.metrics)
+
+
+def test_lineage_tags_become_the_runs_datasets(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {"infgen.stage": "train", "infgen.input": "/data/encoded/0123456789abcdef", "infgen.output": "/runs/x"}
+    with Tracker(uri, "infgen-datasets", "train-x", tags=tags) as tracker:
+        pass
+    inputs = MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
+    found = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs}
+    assert ("train input", "0123456789abcdef", "training") in found
+    assert {name for name, _, _ in found} == {"train input", "train output"}
+
+
+def test_images_are_step_indexed(tmp_path):
+    from PIL import Image
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with Tracker(uri, "infgen-images", "images") as tracker:
+        for step in (10, 20):
+            tracker.log_image(Image.new("RGB", (96, 32), (step, 0, 0)), key="centre_crop_256x256", step=step)
+    client = MlflowClient(uri)
+    logged = [a.path for a in client.list_artifacts(tracker.run_id, "images")]
+    assert sum("centre_crop_256x256+step+10+" in p and p.endswith(".png") for p in logged) == 1
+    assert sum("centre_crop_256x256+step+20+" in p and p.endswith(".png") for p in logged) == 1
