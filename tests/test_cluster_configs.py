@@ -166,3 +166,5 @@ def test_overrides_inside_an_empty_section_reach_the_stage_checks():
         check_config(bad)
     with pytest.raises(ValueError, match="unknown key in overrides"):
         load_job_config(CLUSTER / "train_stage1.yaml", ["train.stepz=5"])  # outside empty sections: still strict
+    with pytest.raises(ValueError, match=r"override 'input=\.\.\.': the value does not parse as YAML"):
+        load_job_config(ROOT / "conf/data/download.yaml", ["input=..."])
