@@ -191,6 +191,9 @@ def _track(cfg: DecodeConfig, stats: dict, out_fs: pafs.FileSystem, root: str) -
         tracker.log_metrics({k: stats[k] for k in ("files", "files_decoded", "files_failed", "latents", "images",
                                                    "seconds", "images_per_s") if stats[k] is not None})
         tracker.log_dict(stats, STATS)
+        tracker.set_note(f"{stats['files_decoded']} latent files decoded by {cfg.model} into {stats['images']} images "
+                         f"({', '.join(f'{w}x{h}' for h, w in cfg.sizes)}); {stats['files_failed']} failed "
+                         f"(named in {STATS}).")
         first = sorted(i.path for i in out_fs.get_file_info(pafs.FileSelector(root, recursive=True))
                        if i.path.endswith(f".{cfg.format}"))[:2]
         with local_files(out_fs, first) as local:  # two of the images, as they were written

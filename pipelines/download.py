@@ -160,6 +160,9 @@ def run_download(config: Any) -> StageResult:
                              "duration_s": time.time() - start,
                              **{f"failures.{k}": v for k, v in stats["failures"].items()}})
         tracker.log_dict(stats, "download_stats.json")
+        failures = ", ".join(f"{k} {v}" for k, v in stats["failures"].items() if v) or "none"
+        tracker.set_note(f"{stats['success']} of {stats['rows']} images downloaded into {out.uri}; failed: "
+                         f"{failures} (rows in failed.parquet; rerun with retry_failed=true).")
         with local_files(out.fs, [f"{out.root}/{FAILED}"]) as (path,):
             tracker.log_artifact(path)
         return StageResult(out.uri, stats, run_id=tracker.run_id)

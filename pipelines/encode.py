@@ -666,6 +666,9 @@ def log_to_mlflow(tracker: Any, cfg: EncodeConfig, stats: dict, fs: pafs.FileSys
                          "skipped_total": stats["skipped_total"], "images_per_s": run["images_per_s"],
                          "seconds": run["seconds"], **{f"skipped_{k}": v for k, v in stats["skipped"].items()}})
     tracker.log_dict(stats, "encode_stats.json")
+    skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items() if v) or "none"
+    tracker.set_note(f"{stats['encoded']} of {stats['images_in']} images encoded into latents + high-resolution "
+                     f"crops with the VAE {cfg.vae}; skipped: {skipped}.")
     if cfg.grid_samples <= 0:
         return
     try:  # a preview is worth a warning, never a failed stage

@@ -56,7 +56,7 @@ from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
 from pipelines.common import (Holdout, StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success,
                               local_files, output_root, output_uri, plain_config, read_json, remove_dir,
                               renames_are_atomic, require, resolve_files, uri, write_json)
-from pipelines.tracking import Tracker, config_hash
+from pipelines.tracking import Tracker, config_hash, logged_model_id
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +512,7 @@ def run_evaluate(config: Any) -> StageResult:
         for row in rows:  # the resolution in the name, not on the step axis
             tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
                                  for m in METRICS if row.get(m) is not None},
-                                model_id=getattr(version, "model_id", None) if row["decoder"] == "infgen" else None)
+                                model_id=logged_model_id(version) if row["decoder"] == "infgen" else None)
         tracker.log_metrics({"eval_seconds": time.time() - start, "samples": p.samples})
         tracker.log_table(rows, "evaluation/results_table.json")
         tracker.set_note(evaluation_note(rows, p.samples, extractor_id(cfg), lpips_note))

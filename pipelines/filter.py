@@ -511,6 +511,9 @@ def _track(config: dict, stats: dict, output: str, fs: pafs.FileSystem, files: l
                              **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
                              **{f"seconds_{k}": v for k, v in stats["seconds"].items()}})
         tracker.log_dict(stats, STATS)
+        dropped = ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v) or "none"
+        tracker.set_note(f"{stats['rows_in']} metadata rows in, {stats['rows_out']} kept → {output}. Dropped (each "
+                         f"row once, under its first failing reason): {dropped}. Thresholds: see the params.")
         if stats["rows_out"]:
             import matplotlib.pyplot as plt
 

@@ -99,6 +99,15 @@ def lineage_datasets(tags: Mapping[str, str]) -> list:
     return found
 
 
+def logged_model_id(version: Any) -> Optional[str]:
+    """The logged model (MLflow 3) behind a registered version: its `model_id`, which a version registered
+    through a tracking server may leave empty, else the `models:/m-...` of its source."""
+    if version is None:
+        return None
+    source = getattr(version, "source", "") or ""
+    return getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/m-") else None)
+
+
 def local_artifact_location(tracking_uri: str) -> Optional[str]:
     """Artifacts of a `sqlite:///path/mlflow.db` store go beside it (`path/mlartifacts`), not into ./mlruns of
     whatever directory the job ran in; None (MLflow's default) for servers."""

@@ -74,7 +74,9 @@ def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys)
     # the evaluation is linked to the model version it scored; infgen's numbers show on that model's page
     version = client.get_model_version("infgen-demo", "1")
     assert evaluation.data.tags["infgen.model_version"] == "1" and version.run_id == result.run_ids["train"]
-    assert "psnr/infgen/128" in {m.key for m in client.get_logged_model(version.model_id).metrics}
+    from pipelines.tracking import logged_model_id
+
+    assert "psnr/infgen/128" in {m.key for m in client.get_logged_model(logged_model_id(version)).metrics}
 
     # the trained model is registered as an MLflow model: with the demo's server up again, it decodes at 1024×768
     import mlflow

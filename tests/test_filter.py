@@ -17,8 +17,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipelines.sample_data import write_laion_parquet
-from pipelines.filter import (DEFAULTS, OUTPUT_SCHEMA, REASONS, cap_key, cap_threshold, count_reasons, dedup_partition,
-                              filter_batch, column_mapping, filter_params, host_verdict, run_filter)
+from pipelines.filter import (DEFAULTS, OUTPUT_SCHEMA, REASONS, cap_key, cap_threshold, column_mapping, count_reasons,
+                              dedup_partition, filter_batch, filter_params, host_verdict, normalize_urls, run_filter)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(min_pixels=2_000_000, min_short_side=1000, max_aspect_ratio=2.5, min_aesthetic=5.0,
@@ -102,7 +102,9 @@ def write_parts(directory: Path, variant: str, parts) -> list[Path]:
 def expectation(parts) -> tuple[dict, set]:
     rows = [r for part in parts for r in part]
     counts = Counter(outcome for _, outcome in rows)
-    return {reason: counts.get(reason, 0) for reason in REASONS}, {r["url"] for r, o in rows if o == "keep"}
+    kept = pa.array([r["url"] for r, o in rows if o == "keep"], pa.string())
+    # kept URLs as they are fetched: the #fragment dropped (pipelines.filter.normalize_urls)
+    return {reason: counts.get(reason, 0) for reason in REASONS}, set(normalize_urls(kept).to_pylist())
 
 
 def read_output(result) -> pa.Table:
@@ -146,6 +148,7 @@ def test_exact_counts_and_kept_urls(ray_local, tmp_path, mlflow_uri, variant, fo
         assert run.data.tags["infgen.output"] == result.output and run.data.tags["infgen.input"] == str(spec)
         assert len(run.data.tags["infgen.config_hash"]) == 16
         assert {a.path for a in client.list_artifacts(result.run_id)} >= {"_stats.json", "filter_histograms.png"}
+        assert run.data.tags["mlflow.note.content"].startswith(f"{result.stats['rows_in']} metadata rows in")
 
 
 def test_rerun_is_a_noop_other_thresholds_elsewhere_overwrite_replaces(ray_local, tmp_path, mlflow_uri, capsys):

@@ -68,6 +68,8 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
     crops = [a.path for a in client.list_artifacts(result.run_id, "images")]  # full resolution, step-indexed
     assert {s for s in (10, 20, 24) if any(f"centre_crop_256x256+step+{s}+" in p for p in crops)} == {10, 20, 24}
     assert set(run.data.metrics).isdisjoint({"lpips"})  # the random-backbone term is not called LPIPS
+    note = run.data.tags["mlflow.note.content"]  # the run's description: result and caveats
+    assert note.startswith("InfGen tiny trained 24 steps") and "RANDOM backbone" in note and "256x256: " in note
     # logged as an MLflow model (pyfunc), registered from this run, the alias on it; it decodes as the export does
     assert [v.run_id for v in client.search_model_versions("name='infgen-test'")] == [result.run_id]
     assert client.get_model_version_by_alias("infgen-test", "newest").run_id == result.run_id
