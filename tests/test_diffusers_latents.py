@@ -69,3 +69,29 @@ def test_infgen_as_the_pipelines_vae_returns_the_large_image(pipeline, tiny_vae)
         pipeline.vae = original
     with pytest.raises(ValueError, match="another latent space"):
         InfGenVAE(InfGen.from_preset("tiny", scaling_factor=0.5), original)
+
+
+def test_infgen_as_an_sdxl_pipelines_vae(tiny_vae):
+    """SDXL reads more of `vae.config` (force_upcast, latents_mean/std) and upcasts fp16 VAEs: the adapter's
+    config keeps the pipeline off that path, and its own call returns the large image."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from infgen.adapter import InfGenVAE
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=8, attention_head_dim=4, transformer_layers_per_block=1,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    model = InfGen.from_preset("tiny", scaling_factor=tiny_vae.scaling_factor).eval()
+    # prompt embeddings passed directly: no text encoders or tokenizers (they would need a download)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae.autoencoder, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.vae = InfGenVAE(model, tiny_vae.autoencoder, size=(512, 768))
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(prompt_embeds=torch.randn(1, 4, 64, generator=generator),
+                 pooled_prompt_embeds=torch.randn(1, 32, generator=generator), guidance_scale=1.0,
+                 num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(1)).images[0]
+    assert isinstance(image, Image.Image) and image.size == (768, 512)
