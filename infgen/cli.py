@@ -80,7 +80,7 @@ def run_decode(args: argparse.Namespace) -> list[Path]:
     (exit status 1), a single bad input is a ValueError (status 2)."""
     from tqdm import tqdm
 
-    from .images import decoded_name, encode_image, to_pil
+    from .images import decode_in_batches, decoded_name, encode_image, to_pil
     from .io import find_latent_files, load_latents
     from .models import InfGen
     from .upsample import iterative_decode
@@ -105,19 +105,17 @@ def run_decode(args: argparse.Namespace) -> list[Path]:
     with tqdm(total=len(files), unit="file", desc="decode", disable=single) as bar:
         for path in files:
             try:
-                for size in args.size:
-                    latents = load_latents(path)
-                    images = torch.cat([decode(b.to(args.device), size) for b in latents.split(args.batch_size)])
-                    for i, image in enumerate(images):
-                        if single:
-                            target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            to_pil(image).save(target)  # the format its suffix names
-                        else:
-                            target = out / decoded_name(path.stem, i if len(images) > 1 else None, size, args.format)
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            target.write_bytes(encode_image(image, args.format))
-                        written.append(target)
+                latents = load_latents(path).to(args.device)
+                for size, i, image in decode_in_batches(decode, latents, args.size, args.batch_size):
+                    if single:
+                        target = out if i is None else out.with_name(f"{out.stem}_{i}{out.suffix}")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        to_pil(image).save(target)  # the format its suffix names
+                    else:
+                        target = out / decoded_name(path.stem, i, size, args.format)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(encode_image(image, args.format))
+                    written.append(target)
             except ValueError as e:  # unreadable, or not a latent this model takes
                 if single:
                     raise

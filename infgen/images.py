@@ -78,6 +78,15 @@ def decoded_name(stem: str, index: int | None, size: tuple[int, int], fmt: str) 
     return f"{stem}{'' if index is None else f'_{index}'}_{size[1]}x{size[0]}.{fmt}"
 
 
+def decode_in_batches(decode, latents: torch.Tensor, sizes, batch_size: int):
+    """Every latent of a file at every size, `batch_size` latents per `decode(latents, size)` call → yields
+    (size, index in the file or None when the file holds one latent, image (3, H, W)): what decoded_name takes."""
+    for size in sizes:
+        for start in range(0, len(latents), batch_size):
+            for j, image in enumerate(decode(latents[start:start + batch_size], size)):
+                yield size, start + j if len(latents) > 1 else None, image
+
+
 def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
     """The largest centred crop with width/height = aspect."""
     w, h = image.size

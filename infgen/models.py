@@ -468,9 +468,9 @@ class InfGen(nn.Module):
         """Decode latents to images of `size` (an int or (H, W)) in [-1, 1].
 
         latents: (B, C, h, w) as a diffusion model produces them (already multiplied by the VAE's scaling
-        factor; pass scaled=False for raw VAE-encoder means), any float dtype (cast to the weights'). tile: decode in tiles of `tile`×`tile` output
-        pixels (a multiple of 8) with enough halo that the result equals the untiled decode; the memory
-        then grows with the tile, not the output.
+        factor; pass scaled=False for raw VAE-encoder means), any float dtype (cast to the weights'). tile:
+        decode in tiles of `tile`×`tile` output pixels (a multiple of 8) with enough halo that the result equals
+        the untiled decode; the memory then grows with the tile, not the output.
         """
         H, W = self.check_inputs(latents, size)
         # fp16/bf16 pipelines return half latents: compute in the weights' dtype (float32 unless cast)

@@ -96,7 +96,7 @@ class FileDecoder:
         """Decode one file into `target` + names; a stats row (latents, images, error, seconds)."""
         import torch
 
-        from infgen.images import decoded_name, encode_image
+        from infgen.images import decode_in_batches, decoded_name, encode_image
         from infgen.io import read_latents
 
         start = time.perf_counter()
@@ -106,19 +106,18 @@ class FileDecoder:
                 latents = read_latents(f.read(), uri(self.in_fs, path))
             written = 0
             self.out_fs.create_dir(target, recursive=True)
+            def decode(chunk: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+                return self.model.decode(chunk, size, tile=self.cfg.tile, scaled=not self.cfg.unscaled)
+
             with torch.no_grad():
-                for size in self.cfg.sizes:
-                    for start_i in range(0, len(latents), self.cfg.batch_size):
-                        chunk = latents[start_i:start_i + self.cfg.batch_size].to(self.device)
-                        images = self.model.decode(chunk, size, tile=self.cfg.tile, scaled=not self.cfg.unscaled)
-                        for j, image in enumerate(images):
-                            index = start_i + j if len(latents) > 1 else None
-                            name = f"{target}/{decoded_name(stem, index, size, self.cfg.format)}"
-                            staged = staging_path(self.out_fs, name)
-                            with self.out_fs.open_output_stream(staged) as out:
-                                out.write(encode_image(image, self.cfg.format))
-                            publish(self.out_fs, staged, name)
-                            written += 1
+                for size, index, image in decode_in_batches(decode, latents.to(self.device), self.cfg.sizes,
+                                                            self.cfg.batch_size):
+                    name = f"{target}/{decoded_name(stem, index, size, self.cfg.format)}"
+                    staged = staging_path(self.out_fs, name)
+                    with self.out_fs.open_output_stream(staged) as out:
+                        out.write(encode_image(image, self.cfg.format))
+                    publish(self.out_fs, staged, name)
+                    written += 1
             with self.out_fs.open_output_stream(f"{target}/{stem}{DONE_SUFFIX}") as out:
                 out.write(str(written).encode())
             error = ""
