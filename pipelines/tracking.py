@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from pipelines.common import verbose
+
 log = logging.getLogger(__name__)
 
 # Fail fast on a dead server instead of MLflow's default minutes of HTTP back-off per call.
@@ -25,7 +27,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # one line per download, not a redrawn bar per file (models:/ URIs in evaluate)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-if os.environ.get("INFGEN_VERBOSE") != "1":  # the jobs print their runs' ids and the UI's address themselves
+if not verbose():  # the jobs print their runs' ids and the UI's address themselves
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
@@ -73,9 +75,9 @@ def git_commit() -> str:
 
 def _digest(uri: str, fingerprint: Optional[str] = None) -> str:
     """A dataset's digest: its fingerprint (a stage output's directory is named by one), else a hash of the URI."""
-    last = uri.rstrip("/").rsplit("/", 1)[-1]
     if fingerprint:
         return fingerprint
+    last = uri.rstrip("/").rsplit("/", 1)[-1]
     if len(last) == 16 and all(c in "0123456789abcdef" for c in last):
         return last
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
