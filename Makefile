@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/python -m jobs.demo --config conf/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=900
+	$(BIN)/python -m pytest -q --timeout=900 --durations=12
 
 bench: setup
 	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.json

@@ -42,7 +42,57 @@ def shipped_photo_path(name: str) -> Path:
 
 def shipped_photos(names: Union[list[str], None] = None) -> dict[str, Image.Image]:
     """Real RGB photos by name (all of them by default)."""
-    return {n: Image.open(shipped_photo_path(n)).convert("RGB") for n in (names or SHIPPED_PHOTOS)}
+    return {n: to_rgb(Image.open(shipped_photo_path(n))) for n in (names or SHIPPED_PHOTOS)}
+
+
+# img2dataset composites transparent pixels on white (its resizer's alpha matting); every stage here does
+# the same, so a file gives the same training pixels whichever stage decodes it
+BACKGROUND = (255, 255, 255)
+
+
+class UnsupportedImage(ValueError):
+    """An image `to_rgb` refuses; `reason` is the name it is counted under (e.g. "unsupported_mode")."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any opened Pillow image → the 8-bit RGB image every stage trains and evaluates on (one way, everywhere).
+
+    - EXIF orientation applied; an animated image gives its first frame.
+    - Alpha (LA, RGBA, PA, P or L/RGB with a transparent colour) composited on BACKGROUND (white, as img2dataset).
+    - High bit depths scaled by their real range: I;16* by 65535 → 255; I (32-bit int) by 65535 when all values
+      are in 0..65535 (16-bit PNGs open as I), else by its own min..max; F (float) by 1 when all values are in
+      [0, 1], else by its own min..max.
+    - 1, L, CMYK, YCbCr, LAB, HSV, RGB: Pillow's own conversion.
+    Raises UnsupportedImage("unsupported_mode") for other modes and ("corrupt") for non-finite float pixels.
+    """
+    from PIL import ImageOps
+
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise UnsupportedImage("corrupt", f"{mode} image with NaN or infinite pixels")
+        lo, hi = float(values.min()), float(values.max())
+        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+            values = values / 65535
+        elif not (mode == "F" and lo >= 0 and hi <= 1):
+            values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        return Image.fromarray(np.round(values * 255).astype(np.uint8)).convert("RGB")
+    if mode in ("1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    raise UnsupportedImage("unsupported_mode", f"Pillow mode {mode!r}")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

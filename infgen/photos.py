@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 from PIL import Image
 
-from .images import SHIPPED_PHOTOS, shipped_photo_path
+from .images import SHIPPED_PHOTOS, shipped_photo_path, to_rgb
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ def load_shipped_photos(split: Optional[str] = None) -> list[Photo]:
 
 
 def open_rgb(path: Union[str, Path], max_side: Optional[int] = None) -> Image.Image:
-    """Open an image as RGB; transparent pixels are composited on white (as img2dataset does).
+    """Open an image as RGB the one way every stage does (`infgen.images.to_rgb`: EXIF orientation, alpha on
+    white as img2dataset, high bit depths scaled by their range).
 
     max_side: reduce (antialiased, Lanczos) so the long side is at most this; JPEGs are first decoded at
     the nearest larger DCT scale (Pillow's draft mode), which makes a 24 MP photo ~4× faster to open.
@@ -177,10 +178,7 @@ def open_rgb(path: Union[str, Path], max_side: Optional[int] = None) -> Image.Im
     if max_side and image.format == "JPEG":
         scale = max(image.size) / max_side
         image.draft("RGB", (round(image.size[0] / scale), round(image.size[1] / scale)))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),

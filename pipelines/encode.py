@@ -42,9 +42,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from infgen.data import random_crop_box
+from infgen.images import UnsupportedImage, to_rgb
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
                               output_uri, plain_config, publish, read_json, require, resolve_files, staging_path,
                               uri, write_json)
@@ -52,6 +53,8 @@ from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_comp
 log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes img2dataset can write
+# image files that are not img2dataset's: present, but counted as unsupported_format rather than decoded
+OTHER_IMAGE_MEMBERS = ("gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico")
 SHARD_STATS_KEY = b"infgen.encode.shard_stats"
 DECODE_WORKER_BYTES = 768 * 2 ** 20  # a decode worker's own footprint (Python, PIL, torch imported)
 ROW_GROUP_BYTES = 64 * 2 ** 20  # buffer this much before writing a parquet row group (few, large groups)
@@ -161,7 +164,8 @@ class SkipSample(Exception):
 
 
 def decode_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
-    """Encoded bytes → a fully loaded RGB image (EXIF orientation applied), or SkipSample(reason)."""
+    """Encoded bytes → a fully loaded RGB image (`infgen.images.to_rgb`, as every stage decodes), or
+    SkipSample(reason)."""
     if data is None:
         raise SkipSample("missing_image")
     if len(data) == 0:
@@ -173,8 +177,9 @@ def decode_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2× the limit
             image = Image.open(io.BytesIO(data))
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return to_rgb(image)
+    except UnsupportedImage as e:
+        raise SkipSample(e.reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SkipSample("decompression_bomb") from None
     except UnidentifiedImageError:
@@ -262,7 +267,10 @@ def _url(meta: Any) -> Optional[str]:
 def prepare_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, np.ndarray]:
     """A batch of read_webdataset rows (raw bytes) → prepared rows; failures get a skip_reason, not an error."""
     n = len(batch["__key__"])
-    members = [batch[m] for m in IMAGE_MEMBERS if m in batch]
+    # a member is named by its suffix after the key (webdataset lower-cases it): "jpg", or a variant such as
+    # "v2.jpg"; its last part says the format
+    members = [batch[m] for m in sorted(batch, key=_member_rank) if _member_rank(m) < len(IMAGE_MEMBERS)]
+    others = [batch[m] for m in batch if m.rsplit(".", 1)[-1] in OTHER_IMAGE_MEMBERS]
     out: dict[str, list] = {k: [] for k in ("key", "crop", "shard", "skip_reason", "pixels", "hr", "hr_width",
                                             "hr_height", "crop_box", "orig_width", "orig_height", "caption", "url")}
     empty = {"pixels": b"", "hr": b"", "hr_width": 0, "hr_height": 0, "crop_box": (0, 0, 0, 0),
@@ -271,6 +279,8 @@ def prepare_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, 
         key = str(batch["__key__"][i])
         data = next((m[i] for m in members if isinstance(m[i], (bytes, bytearray))), None)
         try:  # one row per crop; a sample that fails is one skipped row, whatever crops_per_image is
+            if data is None and any(isinstance(m[i], (bytes, bytearray)) for m in others):
+                raise SkipSample("unsupported_format")
             image = decode_image(data, cfg.max_image_pixels)
             rows = [(crop_key, prepare_crop(crop_key, image, cfg), "") for crop_key in crop_keys(key, cfg)]
         except SkipSample as e:
@@ -292,6 +302,13 @@ def prepare_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, 
     arrays.update({k: np.array(out[k], dtype=np.int32) for k in ints})
     arrays["crop_box"] = np.array(out["crop_box"], dtype=np.int32).reshape(len(out["key"]), 4)
     return arrays
+
+
+def _member_rank(name: str) -> int:
+    """IMAGE_MEMBERS' order for the member name's last suffix ("v2.jpg" ranks as "jpg"); past them: not an
+    image img2dataset writes."""
+    ext = name.rsplit(".", 1)[-1]
+    return IMAGE_MEMBERS.index(ext) if not name.startswith("__") and ext in IMAGE_MEMBERS else len(IMAGE_MEMBERS)
 
 
 def _object_array(values: list) -> np.ndarray:

@@ -48,7 +48,7 @@ from PIL import Image
 from infgen.evaluation import DECODERS, FEATURES, REFERENCE, Chunk, Decoders, EvalAccumulator, add_counts
 from infgen.fid import (FeatureSample, InceptionFeatures, PatchProtocol, RandomConvFeatures, RunningStats,
                         frechet_distance, kernel_inception_distance, precision_recall)
-from infgen.images import to_tensor
+from infgen.images import to_rgb, to_tensor
 from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
@@ -265,7 +265,7 @@ def read_encoded_unit(unit: dict) -> Iterator[Chunk]:
         truths = []
         for i in part:
             try:
-                truths.append(to_tensor(Image.open(io.BytesIO(hr[i])).convert("RGB")))
+                truths.append(to_tensor(to_rgb(Image.open(io.BytesIO(hr[i])))))
             except Exception as e:
                 raise ValueError(f"{unit['path']} row {i} (key {keys[i]}): unreadable hr image ({e})") from None
         yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part].astype(np.float32)), truths)
@@ -286,7 +286,7 @@ def read_reference_images(paths: list[str], acc: EvalAccumulator) -> tuple[list[
     for path in paths:
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image))
             keys.append(os.path.basename(path))
         except Exception as e:
             log.warning("reference image %s skipped: %s", path, e)

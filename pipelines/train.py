@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from infgen.data import random_target_size, target_window
-from infgen.images import resize
+from infgen.images import resize, to_rgb
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
@@ -90,7 +90,7 @@ def decode_targets(hr: np.ndarray, size: tuple[int, int],
     for data in hr:
         image = Image.open(io.BytesIO(data))
         image.draft("RGB", (size[1], size[0]))  # JPEG only (elsewhere a no-op); never below the output size
-        out.append(target_window(image.convert("RGB"), size, region))
+        out.append(target_window(to_rgb(image), size, region))
     return torch.stack(out)
 
 

@@ -306,3 +306,26 @@ def test_an_actor_encodes_a_whole_shard_in_vae_batches_of_batch_size(photo_dir, 
     assert max(seen) <= 2 and sum(seen) == 3 * 3 + 2  # 3 good samples × 3 crops, 2 broken ones a row each
     assert (stats["images_in"], stats["encoded"]) == (5, 9)
     assert pq.read_table(tmp_path / "00000.parquet").num_rows == 9
+
+
+def test_member_names_variants_and_other_formats_are_not_missing(photo_dir, tmp_path):
+    """`key.v2.jpg` and `key.JPG` are images (a naming variant: the last suffix says the format); `key.gif` is
+    present but not a format img2dataset writes: unsupported_format, never missing_image."""
+    import tarfile
+
+    from pipelines.encode import prepare_batch, read_tar_samples, sample_batches
+
+    jpg = (photo_dir / GOOD[0]).read_bytes()
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    members = {"00000004.v2.jpg": jpg, "00000005.JPG": jpg, "00000006.gif": gif.getvalue(), "00000007.txt": b"x"}
+    with tarfile.open(tmp_path / "odd.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = EncodeConfig.from_mapping(config(tmp_path, tmp_path / "out"))
+    batch = next(sample_batches(read_tar_samples(pafs.LocalFileSystem(), str(tmp_path / "odd.tar")), 8))
+    rows = prepare_batch(batch, cfg)
+    reasons = dict(zip(rows["key"], rows["skip_reason"]))
+    assert reasons == {"00000004": "", "00000005": "", "00000006": "unsupported_format", "00000007": "missing_image"}

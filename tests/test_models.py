@@ -84,14 +84,35 @@ def test_attention_blocking_never_changes_results():
     assert torch.allclose(a.decode(z, (200, 300)), b.decode(z, (200, 300)), atol=1e-5)
 
 
-def test_output_is_local_in_the_latent(tiny):
-    # no global attention anywhere: changing a far-away latent token leaves distant pixels unchanged
+def test_output_is_local_in_the_latent():
+    # no global attention anywhere: without the latent's GroupNorm (its only image-level statistics), changing
+    # a far-away latent token leaves distant pixels unchanged
+    local = InfGen.from_preset("tiny", latent_res_blocks=0).eval()
     z = torch.randn(1, 4, 32, 32)
     z2 = z.clone()
     z2[..., 31, 31] += 5.0
-    a, b = tiny.decode(z, 256), tiny.decode(z2, 256)
+    a, b = local.decode(z, 256), local.decode(z2, 256)
     assert torch.equal(a[..., :128, :128], b[..., :128, :128])
     assert not torch.equal(a[..., 200:, 200:], b[..., 200:, 200:])
+
+
+def test_models_saved_before_new_fields_load_as_they_were(tmp_path):
+    # a config.json without latent_res_blocks / upsampler_norm is a model from before them: no GroupNorm
+    # blocks, per-pixel norm in the upsampler; its weights load exactly
+    import json
+
+    from infgen.models import LEGACY_DEFAULTS
+
+    old = InfGen.from_preset("tiny", **LEGACY_DEFAULTS).eval()
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in LEGACY_DEFAULTS:
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = InfGen.from_pretrained(tmp_path)
+    assert loaded.config.latent_res_blocks == 0 and loaded.config.upsampler_norm == "pixel"
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.equal(loaded.decode(z, 64), old.decode(z, 64))
 
 
 @pytest.mark.parametrize("config", [dict(), SMALL], ids=["tiny", "two-blocks-per-level"])
@@ -219,6 +240,10 @@ def test_config_validation():
         InfGenConfig(cross_attn_radius=0.5)
     with pytest.raises(ValueError, match="latent_kernel must be a positive odd number, got 2"):
         InfGenConfig(latent_kernel=2)
+    with pytest.raises(ValueError, match="upsampler_norm must be one of .*got 'batch'"):
+        InfGenConfig(upsampler_norm="batch")
+    with pytest.raises(ValueError, match="latent_res_blocks must be >= 0, got -1"):
+        InfGenConfig(latent_res_blocks=-1)
 
 
 def test_half_precision_latents_decode_like_float32(tiny):
