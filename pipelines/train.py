@@ -11,7 +11,6 @@ from `ray.train.get_checkpoint()`; a worker that dies restarts the group from th
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -20,21 +19,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from infgen.data import random_target_size, target_window
-from infgen.images import resize, to_rgb
+from infgen.images import resize
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config,
-                              require, resolve_files, verbose)
+from pipelines import shards
+from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, init_ray, plain_config, require, resolve_files,
+                              verbose)
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -81,17 +80,12 @@ def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
     return top, left, height, width
 
 
-def decode_targets(hr: np.ndarray, size: tuple[int, int],
+def decode_targets(hr: Sequence[bytes], size: tuple[int, int],
                    region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
-    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1] at `size`, or only the window `region` of it
-    (infgen.data.target_window). A JPEG crop (encode's hr_format) decodes at the smallest 1/2^k scale still at
-    least `size` (Pillow's draft mode), 4× fewer pixels per halving."""
-    out = []
-    for data in hr:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (size[1], size[0]))  # JPEG only (elsewhere a no-op); never below the output size
-        out.append(target_window(to_rgb(image), size, region))
-    return torch.stack(out)
+    """Encoded high-resolution crops (the shards' `hr`) → (B, 3, H, W) in [-1, 1] at `size`, or only the window
+    `region` of it (infgen.data.target_window). A JPEG crop decodes at a reduced scale never below `size`
+    (pipelines.shards.hr_image)."""
+    return torch.stack([target_window(shards.hr_image(data, at_least=size), size, region) for data in hr])
 
 
 class TargetPrefetcher:
@@ -136,18 +130,6 @@ class TargetPrefetcher:
             finally:  # an early exit (a failure, the last step): drop what is queued
                 for future in pending:
                     future.cancel()
-
-
-def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
-    """The last `count` rows of the last shard: never trained on, decoded in every sample grid."""
-    import pyarrow.parquet as pq
-
-    with fs.open_input_file(paths[-1]) as f:  # only the last row group: shards hold gigabytes of PNGs
-        parquet = pq.ParquetFile(f)
-        table = parquet.read_row_group(parquet.num_row_groups - 1, columns=["key", "latent", "hr"])
-    table = table.slice(max(0, table.num_rows - count))
-    latents = table.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32)
-    return table.column("key").to_pylist(), latents, table.column("hr").to_pylist()
 
 
 # ---- the loop on each worker --------------------------------------------------------------------------------
@@ -461,7 +443,7 @@ def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: lis
     """The rows training never reads: the sample grid's rows and every row the `holdout` section holds out
     (the evaluation's images, selected by pipelines.common.Holdout as the evaluation selects them)."""
     holdout = Holdout.from_config(cfg.get("holdout"))
-    held = held_out_keys(fs, paths, holdout)
+    held = shards.held_out_keys(fs, paths, holdout)
     if holdout:
         print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
     return sample_keys + held
@@ -469,7 +451,6 @@ def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: lis
 
 def run_train(config: Any) -> TrainResult:
     """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -486,12 +467,9 @@ def run_train(config: Any) -> TrainResult:
     init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
 
     fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
-    keys, latents, hr = held_out_rows(paths, fs, cfg["samples"]["count"])
-    excluded = excluded_keys(fs, paths, cfg, keys)
-    dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
-               .filter(expr=~ray.data.expressions.col("key").is_in(excluded))
-               .select_columns(["latent", "hr"])
-               .randomize_block_order())  # a new block order every epoch
+    # the sample grid's rows: never trained on, decoded in every sample grid
+    keys, latents, hr = shards.last_rows(fs, paths, cfg["samples"]["count"])
+    dataset = shards.training_dataset(fs, paths, excluded_keys(fs, paths, cfg, keys))
 
     # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
     cfg["model"] = {"scaling_factor": load_vae(cfg["vae"]).scaling_factor, **(cfg.get("model") or {})}
