@@ -51,9 +51,9 @@ from infgen.fid import (FeatureSample, InceptionFeatures, PatchProtocol, RandomC
 from infgen.images import to_rgb, to_tensor
 from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
-from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
+from infgen.models import WEIGHTS_NAME, InfGen
 
-from pipelines import shards
+from pipelines import checkpoint, shards
 from pipelines.common import (Holdout, StageResult, fingerprint, init_ray, is_complete, mark_success, local_files,
                               output_root, output_uri, plain_config, read_json, remove_dir, renames_are_atomic,
                               require, resolve_files, uri, write_json)
@@ -69,7 +69,7 @@ WORKER_DEFAULTS = {"num_actors": 1, "num_gpus": 0.0, "cpus_per_actor": 1.0, "tor
 
 @dataclass
 class EvalConfig:
-    model: Optional[str]  # local exported model dir, training checkpoint dir (state.pt), runs:/ or models:/ URI
+    model: Optional[str]  # local exported model dir, training checkpoint dir (pipelines.checkpoint), runs:/ or models:/
     data: str  # encoded parquet shards (a path or URI), or a local directory of latent files (see data_kind)
     output: str  # results under <output>/<fingerprint>/ (a path or URI)
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
@@ -168,17 +168,10 @@ def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
         path = path / Model.load(str(path)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
     if (path / WEIGHTS_NAME).is_file():
         return InfGen.from_pretrained(path)
-    state_file = path / "state.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        if "model_config" not in state:
-            raise ValueError(f"{state_file}: a checkpoint without model_config (written before it was recorded); "
-                             f"evaluate the exported model directory instead")
-        model = InfGen(InfGenConfig(**state["model_config"]))
-        model.load_state_dict(state["trainer"]["ema"])
-        return model.eval()
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load_model(path)
     raise ValueError(f"model {source}: neither an exported model ({WEIGHTS_NAME}) nor a training checkpoint "
-                     f"(state.pt), nor an MLflow runs:/ or models:/ URI")
+                     f"({checkpoint.STATE_FILE}), nor an MLflow runs:/ or models:/ URI")
 
 
 def build_extractor(cfg: EvalConfig, device: torch.device):

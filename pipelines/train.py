@@ -17,7 +17,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -31,14 +31,13 @@ from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines import shards
+from pipelines import checkpoint, shards
 from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, init_ray, plain_config, require, resolve_files,
                               verbose)
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 RUN_CONFIG = "run_config.json"  # in the run directory: what its checkpoints were trained with (check_resume)
 EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
 
@@ -136,23 +135,21 @@ class TargetPrefetcher:
 
 
 def build_model(cfg: Mapping[str, Any]) -> InfGen:
-    """A fresh preset, or the weights of a stage-1 checkpoint / exported model (stage 2)."""
-    init_from = cfg.get("init_from")
+    """A fresh `preset`, or the weights of a stage-1 checkpoint / exported model (`init_from`, stage 2), with
+    the `model` overrides: a preset and a checkpoint are built with them; an exported model's config is changed
+    through InfGenConfig's own checks (e.g. grad_checkpointing, max_size for stage 2). Raises ValueError for an
+    `init_from` that is neither, or an override InfGenConfig rejects."""
+    init_from, overrides = cfg.get("init_from"), cfg.get("model", {})
     if not init_from:
-        return InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
-    path = Path(init_from)
-    if (path / STATE_FILE).is_file():  # a training checkpoint: start from its EMA weights
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        model = InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
-        model.load_state_dict(state["trainer"]["ema"])
+        return InfGen.from_preset(cfg["preset"], **overrides)
+    if checkpoint.is_checkpoint(init_from):  # a training checkpoint: start from its EMA weights
+        return checkpoint.load_ema(init_from, InfGen.from_preset(cfg["preset"], **overrides))
+    if (Path(init_from) / WEIGHTS_NAME).is_file():
+        model = InfGen.from_pretrained(init_from)
+        model.config = replace(model.config, **overrides)  # __post_init__ validates; the weights stay
         return model
-    if (path / WEIGHTS_NAME).is_file():
-        model = InfGen.from_pretrained(path)
-        for key, value in cfg.get("model", {}).items():  # e.g. grad_checkpointing, max_size for stage 2
-            setattr(model.config, key, value)
-        return model
-    raise ValueError(f"init_from {init_from}: neither a training checkpoint ({STATE_FILE}) nor an exported "
-                     f"model ({WEIGHTS_NAME})")
+    raise ValueError(f"init_from {init_from}: neither a training checkpoint ({checkpoint.STATE_FILE}) nor an "
+                     f"exported model ({WEIGHTS_NAME})")
 
 
 class Progress:
@@ -200,18 +197,10 @@ def train_loop(cfg: dict) -> None:
     trainer = InfGenTrainer(model, loss, dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
 
     run_id = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-            rng_file = Path(directory) / f"rng_rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-        trainer.load_state_dict(state["trainer"])
-        run_id = state.get("mlflow_run_id")
-        if rng:
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+    latest = ray.train.get_checkpoint()
+    if latest:
+        with latest.as_directory() as directory:
+            run_id = checkpoint.restore(directory, trainer, rank)
         if rank == 0:
             print(f"[train] resumed from step {trainer.step}")
 
@@ -221,7 +210,7 @@ def train_loop(cfg: dict) -> None:
                           tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"),
                           system_metrics=True)
         run_id = tracker.start()
-        if not checkpoint:
+        if not latest:
             tracker.log_params(cfg["params"])
         sampler = SampleGrid(cfg, device)
 
@@ -282,11 +271,7 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        if rank == 0:
-            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id,
-                        "model_config": asdict(unwrap(trainer.model).config)}, Path(directory) / STATE_FILE)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   Path(directory) / f"rng_rank{rank}.pt")
+        checkpoint.save(directory, trainer, rank, run_id)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -509,7 +494,7 @@ def run_train(config: Any) -> TrainResult:
     state_run = None
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
-            state_run = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False).get("mlflow_run_id")
+            state_run = checkpoint.mlflow_run_id(directory)
     return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"),
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=metrics, run_id=state_run)
