@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 from infgen.vae import materialise_offline_vae  # noqa: E402
-from pipelines.encode import (EncodeConfig, EncodeUDF, ShardWriter, output_schema, prepare_batch,  # noqa: E402
-                              read_tar_samples, run_encode, sample_batches)
+from pipelines.encode import (EncodeConfig, EncodeUDF, prepare_batch, read_tar_samples, run_encode,  # noqa: E402
+                              sample_batches)
+from pipelines.shards import ShardWriter  # noqa: E402
 from pipelines.sample_data import LARGE_PHOTOS, write_photos  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def bare_loop(cfg: EncodeConfig, shards: list[Path], out: Path) -> int:
     fs, total = pafs.LocalFileSystem(), 0
     out.mkdir(parents=True)
     for shard in shards:
-        writer = ShardWriter(fs, str(out / f"{shard.stem}.parquet"), output_schema(shape), shape)
+        writer = ShardWriter(fs, str(out / f"{shard.stem}.parquet"), shape)
         for batch in sample_batches(read_tar_samples(fs, str(shard)), cfg.batch_size):
             writer.add(udf(prepare_batch(batch, cfg)))  # the same functions the stage's actors run
         total += writer.commit()["images_in"]

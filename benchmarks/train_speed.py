@@ -99,16 +99,13 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     [warmup, steps): reading the parquet (every epoch), the PNG decode + resize and train_step; with `predecoded`,
     every step's batch and targets are made before the timer starts and only train_step is timed (what a step
     would cost if the data path were free)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import torch
 
     from infgen.losses import InfGenLoss, LossConfig
     from infgen.training import InfGenTrainer, OptimConfig
+    from pipelines import shards
     from pipelines.common import resolve_files
-    from pipelines.train import (build_model, dataclass_from, decode_targets, held_out_rows, target_size_for_step,
-                                 window_for_step)
+    from pipelines.train import build_model, dataclass_from, decode_targets, target_size_for_step, window_for_step
 
     train = cfg["train"]
     torch.set_num_threads(train["threads_per_worker"])
@@ -116,15 +113,14 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     trainer = InfGenTrainer(build_model(cfg), InfGenLoss(dataclass_from(LossConfig, cfg["loss"])),
                             dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
     fs, paths = resolve_files(cfg["data"], suffix=".parquet")
-    held_out = held_out_rows(paths, fs, cfg["samples"]["count"])[0]
+    held_out = shards.last_rows(fs, paths, cfg["samples"]["count"])[0]
     batch = train["batch_size"]
 
     def batches():
         epoch = 0
         while True:  # like the Ray loop: read the shards again every epoch, new order, drop the last partial batch
-            table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=["key", "latent", "hr"]) for p in paths])
-            table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=pa.array(held_out))))
-            latents = table.column("latent").combine_chunks().to_numpy_ndarray()
+            table = shards.read_rows(fs, paths, ["latent", "hr"], exclude=held_out)
+            latents = shards.latents(table)
             hr = np.asarray(table.column("hr").to_pylist(), dtype=object)
             order = np.random.default_rng(train["seed"] + epoch).permutation(len(latents))
             for i in range(0, len(order) - batch + 1, batch):

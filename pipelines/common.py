@@ -264,20 +264,6 @@ class Holdout:
                 + (f", {len(self.listed)} URLs listed in {self.urls} (sha256 {listed})" if self.listed else ""))
 
 
-def held_out_keys(fs: pafs.FileSystem, paths: list[str], holdout: Holdout) -> list[str]:
-    """Keys of the encode-stage rows that `holdout` holds out, in file order (reads only the key and url
-    columns)."""
-    import pyarrow.parquet as pq
-
-    keys: list[str] = []
-    for path in paths if holdout else []:
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["key", "url"])
-        keys += [k for k, u in zip(table.column("key").to_pylist(), table.column("url").to_pylist())
-                 if holdout.held_out(u)]
-    return keys
-
-
 @dataclass
 class StageResult:
     """What every stage's Python entry point (run_filter, run_download, run_encode, ...) returns."""

@@ -75,24 +75,22 @@ def run_demo(config: Any) -> PipelineResult:
 
 def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path | None:
     """One held-out latent decoded by the trained model at each of `figure_sizes`, side by side."""
-    import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     from infgen.cli import parse_cli_size
     from infgen.models import InfGen
     from infgen.visualize import image_grid
-    from pipelines.common import Holdout, held_out_keys, resolve_files
+    from pipelines import shards
+    from pipelines.common import Holdout, resolve_files
     from pipelines.tracking import Tracker
 
     if "train" not in result.stages or "encode" not in result.stages:
         return None
     fs, paths = resolve_files(result.stages["encode"].output)
-    keys = held_out_keys(fs, paths, Holdout.from_config(cfg.holdout))  # in file order: the first one
+    keys = shards.held_out_keys(fs, paths, Holdout.from_config(cfg.holdout))  # in file order: the first one
     if not keys:
         return None
-    row = pq.read_table(paths, filesystem=fs, columns=["latent"], filters=[("key", "==", keys[0])])
-    latent = torch.from_numpy(row.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32))
+    latent = torch.from_numpy(shards.latents(shards.read_rows(fs, paths, ["latent"], keys=keys[:1])))
     model = InfGen.from_pretrained(result.stages["train"].model_dir)
     images, labels = [], []
     for size in cfg.figure_sizes:

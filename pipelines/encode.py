@@ -9,13 +9,13 @@ input .tar at a time, streams it, decodes in a thread pool beside the VAE and wr
 The driver holds only the plan (input → output paths) and the per-shard counts: no image or latent passes through
 it, and shards finish in any order.
 
-Output: one parquet file per input .tar, under `<output>/<fingerprint>/`, with the shard's counts in its footer,
-written last: that footer is the completion marker. On a POSIX filesystem the file is written under a temporary
-name and renamed; on an object store it is written in place (an upload is visible only once complete; a rename
-there would be a copy, refused over 5 GB). A rerun skips shards that are complete, so a killed run finishes with
-no duplicates and nothing lost. Parquet, not webdataset, because training reads this with Ray Data:
-the latent is a fixed-shape tensor column (`arrow.fixed_shape_tensor`, float16) that Ray turns into one
-(N, 4, h, w) array without decoding anything, and a reader can fetch latents without the image bytes.
+Output: one parquet file per input .tar (the format, its writer and its readers: pipelines/shards.py), under
+`<output>/<fingerprint>/`, with the shard's counts in its footer, written last: that footer is the completion
+marker. On a POSIX filesystem the file is written under a temporary name and renamed; on an object store it is
+written in place (an upload is visible only once complete; a rename there would be a copy, refused over 5 GB). A
+rerun skips shards that are complete, so a killed run finishes with no duplicates and nothing lost. Parquet, not
+webdataset, because training reads this with Ray Data: the latent is a fixed-shape tensor column (float16) that Ray
+turns into one (N, 4, h, w) array without decoding anything, and a reader can fetch latents without the image bytes.
 
 The high-resolution crop is stored as PNG (lossless) by default: the input is already JPEG, and a second JPEG
 generation adds new 8×8 block artefacts — on the latent's own 8× grid — that the decoder would learn to draw.
@@ -39,26 +39,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from infgen.data import random_crop_box
 from infgen.images import UnsupportedImage, to_rgb
+from pipelines import shards
 from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
-                              output_uri, plain_config, publish, read_json, require, resolve_files, staging_path,
-                              uri, write_json)
+                              output_uri, plain_config, read_json, require, resolve_files, uri, write_json)
 
 log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes img2dataset can write
 # image files that are not img2dataset's: present, but counted as unsupported_format rather than decoded
 OTHER_IMAGE_MEMBERS = ("gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico")
-SHARD_STATS_KEY = b"infgen.encode.shard_stats"
 DECODE_WORKER_BYTES = 768 * 2 ** 20  # a decode worker's own footprint (Python, PIL, torch imported)
-ROW_GROUP_BYTES = 64 * 2 ** 20  # buffer this much before writing a parquet row group (few, large groups)
-HR_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -121,8 +116,8 @@ class EncodeConfig:
             raise bad("aspect_range", "must be [low, high] with 0 < low <= high")
         if self.hr_max_side < self.min_side:
             raise bad("hr_max_side", f"must be >= min_side ({self.min_side})")
-        if self.hr_format not in HR_FORMATS:
-            raise bad("hr_format", f"must be one of {sorted(HR_FORMATS)}")
+        if self.hr_format not in shards.HR_FORMATS:
+            raise bad("hr_format", f"must be one of {sorted(shards.HR_FORMATS)}")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"must be one of {sorted(PRECISIONS)}")
         for key in ("batch_size", "num_actors", "max_image_pixels", "crops_per_image"):
@@ -217,17 +212,6 @@ def crop_box_for(key: str, width: int, height: int, cfg: EncodeConfig) -> tuple[
         raise SkipSample("no_crop_in_aspect_range") from None
 
 
-def encode_hr(image: Image.Image, cfg: EncodeConfig) -> bytes:
-    buffer = io.BytesIO()
-    if cfg.hr_format == "png":
-        image.save(buffer, format="PNG", compress_level=cfg.png_compress_level)
-    elif cfg.hr_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=cfg.hr_quality, subsampling=0)  # 4:4:4: keep chroma detail
-    else:
-        image.save(buffer, format="WEBP", quality=cfg.hr_quality)
-    return buffer.getvalue()
-
-
 def crop_keys(key: str, cfg: EncodeConfig) -> list[str]:
     """The output keys of one sample: its own key, or key_0 … key_{k-1} with crops_per_image = k > 1."""
     return [key] if cfg.crops_per_image == 1 else [f"{key}_{c}" for c in range(cfg.crops_per_image)]
@@ -247,7 +231,8 @@ def prepare_crop(key: str, image: Image.Image, cfg: EncodeConfig) -> dict:
     scale = cfg.hr_max_side / max(crop.size)
     if scale < 1:
         crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BICUBIC)
-    return {"pixels": np.asarray(vae_input, dtype=np.uint8).tobytes(), "hr": encode_hr(crop, cfg),
+    hr = shards.encode_hr(crop, cfg.hr_format, cfg.hr_quality, cfg.png_compress_level)
+    return {"pixels": np.asarray(vae_input, dtype=np.uint8).tobytes(), "hr": hr,
             "hr_width": crop.width, "hr_height": crop.height, "crop_box": box,
             "orig_width": width, "orig_height": height}
 
@@ -361,112 +346,7 @@ class EncodeUDF:
         return batch
 
 
-# ---- output shards -------------------------------------------------------------------------------------------
-
-
-def output_schema(latent_shape: tuple[int, ...]) -> pa.Schema:
-    return pa.schema([
-        ("key", pa.string()),
-        ("latent", pa.fixed_shape_tensor(pa.float16(), latent_shape)),  # scaled latents, as diffusion models make
-        ("hr", pa.binary()),  # the crop at high resolution, encoded (format in the footer and _stats.json)
-        ("hr_width", pa.int32()), ("hr_height", pa.int32()),
-        ("crop_box", pa.fixed_shape_tensor(pa.int32(), (4,))),  # left, top, right, bottom in original pixels
-        ("orig_width", pa.int32()), ("orig_height", pa.int32()),  # after EXIF orientation
-        ("caption", pa.string()), ("url", pa.string()),
-    ])
-
-
-class ShardWriter:
-    """One output shard, written where it is encoded: row groups streamed out; `commit` writes the counts into the
-    footer, which is the completion marker (a file without them is not a shard: `shard_is_complete`).
-
-    On a local or shared POSIX filesystem the shard is written under a temporary name and renamed (atomic). On an
-    object store it is written in place: the upload becomes visible only when the stream closes, and a rename
-    there is a copy (S3's CopyObject refuses objects over 5 GB).
-    """
-
-    def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, latent_shape: tuple[int, ...]) -> None:
-        self.fs, self.path, self.schema, self.latent_shape = fs, path, schema, latent_shape
-        self.tmp = staging_path(fs, path)
-        self.sink = fs.open_output_stream(self.tmp)
-        self.writer = pq.ParquetWriter(self.sink, schema)
-        self.counts: Counter = Counter()
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-
-    def add(self, rows: dict[str, np.ndarray]) -> None:
-        reasons = rows["skip_reason"]
-        self.counts["images_in"] += int((rows["crop"] == 0).sum())  # samples; `encoded` counts crops
-        self.counts.update(f"skipped.{r}" for r in reasons if r)
-        keep = np.flatnonzero(reasons == "")
-        if not len(keep):
-            return
-        latents = np.stack([np.frombuffer(b, np.float16) for b in rows["latent"][keep]])
-        boxes = np.ascontiguousarray(rows["crop_box"][keep], np.int32)
-        table = pa.table({
-            "key": pa.array(rows["key"][keep], pa.string()),
-            "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents.reshape(len(keep), *self.latent_shape)),
-            "hr": pa.array(rows["hr"][keep], pa.binary()),
-            "hr_width": pa.array(rows["hr_width"][keep], pa.int32()),
-            "hr_height": pa.array(rows["hr_height"][keep], pa.int32()),
-            "crop_box": pa.FixedShapeTensorArray.from_numpy_ndarray(boxes),
-            "orig_width": pa.array(rows["orig_width"][keep], pa.int32()),
-            "orig_height": pa.array(rows["orig_height"][keep], pa.int32()),
-            "caption": pa.array(rows["caption"][keep], pa.string()),
-            "url": pa.array(rows["url"][keep], pa.string()),
-        }, schema=self.schema)
-        self.counts["encoded"] += len(keep)
-        self.buffer.append(table)
-        self.buffered += table.nbytes
-        if self.buffered >= ROW_GROUP_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.writer.write_table(pa.concat_tables(self.buffer))
-        self.buffer, self.buffered = [], 0
-
-    def commit(self) -> dict:
-        self.flush()
-        stats = shard_stats(self.counts)
-        self.writer.add_key_value_metadata({SHARD_STATS_KEY: json.dumps(stats)})
-        self.writer.close()
-        self.sink.close()
-        publish(self.fs, self.tmp, self.path)  # where it is a rename, the rename is the commit
-        return stats
-
-    def abort(self) -> None:
-        """After a failure: remove what was written. (An object-store upload cannot be cancelled from pyarrow;
-        whatever it leaves has no counts in its footer, and the rerun rewrites it.)"""
-        try:
-            self.sink.close()
-            self.fs.delete_file(self.tmp)
-        except OSError as e:
-            log.warning("encode: could not remove the partial shard %s: %s", self.tmp, e)
-
-
-def shard_is_complete(fs: pafs.FileSystem, path: str) -> bool:
-    """The shard exists and its footer holds its counts (written last, by ShardWriter.commit)."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
-    try:
-        read_shard_stats(fs, path)
-    except (ValueError, OSError, pa.ArrowInvalid):
-        return False
-    return True
-
-
-def shard_stats(counts: Mapping[str, int]) -> dict:
-    skipped = {k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("skipped.")}
-    return {"images_in": counts.get("images_in", 0), "encoded": counts.get("encoded", 0), "skipped": skipped}
-
-
-def read_shard_stats(fs: pafs.FileSystem, path: str) -> dict:
-    with fs.open_input_file(path) as f:
-        metadata = pq.read_metadata(f).metadata or {}
-    if SHARD_STATS_KEY not in metadata:
-        raise ValueError(f"{path}: not an encode output shard (no {SHARD_STATS_KEY.decode()} in its footer)")
-    return json.loads(metadata[SHARD_STATS_KEY])
+# ---- output shards (the format: pipelines.shards) -------------------------------------------------------
 
 
 def shard_names(paths: list[str]) -> dict[str, str]:
@@ -560,7 +440,7 @@ class ShardEncoder:
         stats = [json.dumps(self.encode_shard(str(i), str(o))) for i, o in zip(plan["input"], plan["output"])]
         return {"input": plan["input"], "stats": _object_array(stats)}
 
-    def encode_rows(self, rows: dict[str, np.ndarray], writer: "ShardWriter") -> None:
+    def encode_rows(self, rows: dict[str, np.ndarray], writer: shards.ShardWriter) -> None:
         """Prepared rows → VAE → writer, `batch_size` rows at a time: with crops_per_image = k, a batch of samples
         is k× as many rows, and the VAE's activations grow with its batch."""
         step = self.cfg.batch_size
@@ -571,7 +451,7 @@ class ShardEncoder:
         import ray
 
         start = time.perf_counter()
-        writer = ShardWriter(self.fs_out, output, output_schema(self.latent_shape), self.latent_shape)
+        writer = shards.ShardWriter(self.fs_out, output, self.latent_shape)
         try:
             prepared: deque = deque()
             for batch in sample_batches(read_tar_samples(self.fs_in, path), self.cfg.batch_size):
@@ -619,10 +499,10 @@ def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str],
 def aggregate_stats(fs: pafs.FileSystem, out_dir: str, output_names: list[str]) -> dict:
     total: Counter = Counter()
     for name in output_names:
-        stats = read_shard_stats(fs, f"{out_dir}/{name}")
+        stats = shards.read_shard_stats(fs, f"{out_dir}/{name}")
         total.update(images_in=stats["images_in"], encoded=stats["encoded"])
         total.update({f"skipped.{k}": v for k, v in stats["skipped"].items()})
-    stats = shard_stats(total)
+    stats = shards.shard_stats(total)
     stats["skipped_total"] = sum(stats["skipped"].values())
     return stats
 
@@ -643,7 +523,7 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
         return StageResult(output=where, stats=read_json(fs_out, f"{out_dir}/{STATS}"), skipped=True)
     fs_out.create_dir(out_dir, recursive=True)
     remove_partial_files(fs_out, out_dir)
-    pending = [p for p in inputs if not shard_is_complete(fs_out, f"{out_dir}/{names[p]}")]
+    pending = [p for p in inputs if not shards.shard_is_complete(fs_out, f"{out_dir}/{names[p]}")]
     log.info("encode: %d input shards, %d already encoded, output %s", len(inputs), len(inputs) - len(pending), where)
 
     lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": where,
@@ -707,25 +587,23 @@ def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_nam
     """PNG: the first few crops (top, as the VAE saw them) over the VAE decode of their latents (bottom)."""
     import ray
 
-    rows: list[dict] = []
+    latents, crops = [], []
     for name in output_names:
-        with fs.open_input_file(f"{out_dir}/{name}") as f:
-            table = pq.read_table(f, columns=["latent", "hr"]).slice(0, cfg.grid_samples - len(rows))
-        rows += [{"latent": table["latent"].combine_chunks().to_numpy_ndarray()[i], "hr": table["hr"][i].as_py()}
-                 for i in range(len(table))]
-        if len(rows) >= cfg.grid_samples:
+        table = shards.read_rows(fs, [f"{out_dir}/{name}"], ["latent", "hr"]).slice(0, cfg.grid_samples - len(crops))
+        latents.append(shards.latents(table))
+        crops += table.column("hr").to_pylist()
+        if len(crops) >= cfg.grid_samples:
             break
-    if not rows:
+    if not crops:
         return None
-    latents = np.stack([r["latent"] for r in rows])
     # the decode runs where the encoder ran (a GPU when there is one), not on the driver
     init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
     task = ray.remote(_decode_latents).options(num_gpus=cfg.num_gpus, num_cpus=1)
-    decoded = ray.get(task.remote(cfg.vae, cfg.vae_subfolder, latents, cfg.num_gpus))
+    decoded = ray.get(task.remote(cfg.vae, cfg.vae_subfolder, np.concatenate(latents), cfg.num_gpus))
     cell = min(cfg.input_size, 256)
-    grid = Image.new("RGB", (cell * len(rows), cell * 2))
-    for i, (row, image) in enumerate(zip(rows, decoded)):
-        crop = Image.open(io.BytesIO(row["hr"])).convert("RGB")
+    grid = Image.new("RGB", (cell * len(crops), cell * 2))
+    for i, (data, image) in enumerate(zip(crops, decoded)):
+        crop = shards.hr_image(data)
         grid.paste(crop.resize((cell, cell), Image.BICUBIC), (i * cell, 0))
         grid.paste(Image.fromarray(image).resize((cell, cell), Image.BICUBIC), (i * cell, cell))
     buffer = io.BytesIO()
@@ -734,11 +612,12 @@ def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_nam
 
 
 def _decode_latents(vae_source: str, subfolder: Optional[str], latents: np.ndarray, num_gpus: float) -> list:
+    """Latents (N, C, h, w) float32 → the VAE's decodes, N uint8 arrays (H, W, 3)."""
     import torch
 
     from infgen.vae import load_vae
 
     device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     vae = load_vae(vae_source, subfolder=subfolder, device=device)
-    images = vae.decode(torch.from_numpy(latents.astype(np.float32)))
+    images = vae.decode(torch.from_numpy(latents))
     return list(((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())

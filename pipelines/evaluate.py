@@ -51,11 +51,12 @@ from infgen.fid import (FeatureSample, InceptionFeatures, PatchProtocol, RandomC
 from infgen.images import to_rgb, to_tensor
 from infgen.io import LATENT_SUFFIXES, load_latents
 from infgen.metrics import LPIPSUnavailable, load_lpips
-from infgen.models import WEIGHTS_NAME, InfGen, InfGenConfig
+from infgen.models import WEIGHTS_NAME, InfGen
 
-from pipelines.common import (Holdout, StageResult, fingerprint, held_out_keys, init_ray, is_complete, mark_success,
-                              local_files, output_root, output_uri, plain_config, read_json, remove_dir,
-                              renames_are_atomic, require, resolve_files, uri, write_json)
+from pipelines import checkpoint, shards
+from pipelines.common import (Holdout, StageResult, fingerprint, init_ray, is_complete, mark_success, local_files,
+                              output_root, output_uri, plain_config, read_json, remove_dir, renames_are_atomic,
+                              require, resolve_files, uri, write_json)
 from pipelines.tracking import Tracker, config_hash, logged_model_id
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ WORKER_DEFAULTS = {"num_actors": 1, "num_gpus": 0.0, "cpus_per_actor": 1.0, "tor
 
 @dataclass
 class EvalConfig:
-    model: Optional[str]  # local exported model dir, training checkpoint dir (state.pt), runs:/ or models:/ URI
+    model: Optional[str]  # local exported model dir, training checkpoint dir (pipelines.checkpoint), runs:/ or models:/
     data: str  # encoded parquet shards (a path or URI), or a local directory of latent files (see data_kind)
     output: str  # results under <output>/<fingerprint>/ (a path or URI)
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
@@ -167,17 +168,10 @@ def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
         path = path / Model.load(str(path)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
     if (path / WEIGHTS_NAME).is_file():
         return InfGen.from_pretrained(path)
-    state_file = path / "state.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        if "model_config" not in state:
-            raise ValueError(f"{state_file}: a checkpoint without model_config (written before it was recorded); "
-                             f"evaluate the exported model directory instead")
-        model = InfGen(InfGenConfig(**state["model_config"]))
-        model.load_state_dict(state["trainer"]["ema"])
-        return model.eval()
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.load_model(path)
     raise ValueError(f"model {source}: neither an exported model ({WEIGHTS_NAME}) nor a training checkpoint "
-                     f"(state.pt), nor an MLflow runs:/ or models:/ URI")
+                     f"({checkpoint.STATE_FILE}), nor an MLflow runs:/ or models:/ URI")
 
 
 def build_extractor(cfg: EvalConfig, device: torch.device):
@@ -250,25 +244,22 @@ class EvalWorker:
 
 def read_encoded_unit(unit: dict) -> Iterator[Chunk]:
     """Rows of one parquet row group (only the selected keys), in chunks of `chunk_rows`."""
-    import pyarrow.parquet as pq
-
     fs, path = pafs.FileSystem.from_uri(unit["uri"])
-    with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_group(unit["row_group"], columns=["key", "latent", "hr"])
+    table = shards.read_row_group(fs, path, unit["row_group"], ["key", "latent", "hr"])
     keys = table.column("key").to_pylist()
     selected = set(unit["keys"])
     index = [i for i, k in enumerate(keys) if k in selected]
-    latents = table.column("latent").combine_chunks().to_numpy_ndarray()
+    latents = shards.latents(table)
     hr = table.column("hr").to_pylist()
     for start in range(0, len(index), unit["chunk_rows"]):
         part = index[start:start + unit["chunk_rows"]]
         truths = []
         for i in part:
             try:
-                truths.append(to_tensor(to_rgb(Image.open(io.BytesIO(hr[i])))))
+                truths.append(to_tensor(shards.hr_image(hr[i])))
             except Exception as e:
                 raise ValueError(f"{unit['path']} row {i} (key {keys[i]}): unreadable hr image ({e})") from None
-        yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part].astype(np.float32)), truths)
+        yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part]), truths)
 
 
 def read_latent_unit(unit: dict) -> Iterator[Chunk]:
@@ -350,20 +341,11 @@ def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
 def plan_encoded(cfg: EvalConfig, chunk_rows: int, holdout: Holdout) -> Plan:
     """Units of at most `chunk_rows` selected rows of one parquet row group; the selection is the `limit`
     smallest key hashes (deterministic, independent of file order), or every row."""
-    import pyarrow.parquet as pq
-
     fs, paths = resolve_files(cfg.data, suffix=".parquet")
-    groups = []  # (path, row group, keys)
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            missing = {"key", "latent", "hr", "url"} - set(parquet.schema_arrow.names)
-            if missing:
-                raise ValueError(f"{uri(fs, path)}: not an encode-stage shard (missing columns {sorted(missing)})")
-            for g in range(parquet.num_row_groups):
-                groups.append((path, g, parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()))
+    groups = [(path, g, keys) for path in paths  # (path, row group, keys)
+              for g, keys in enumerate(shards.row_group_keys(fs, path, uri(fs, path)))]
     if holdout:  # only the images training held out, by the same split
-        keep = set(held_out_keys(fs, paths, holdout))
+        keep = set(shards.held_out_keys(fs, paths, holdout))
         groups = [(path, g, [k for k in ks if k in keep]) for path, g, ks in groups]
     keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
     if not keys:

@@ -232,30 +232,23 @@ def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
 def write_encoded_shards(directory: Path, latents: torch.Tensor, hr: torch.Tensor, shards: int = 2,
                          urls: Optional[Sequence[str]] = None) -> Path:
     """In-memory (latents (N, C, h, w), crops (N, 3, H, W) in [-1, 1]) → `shards` parquet files in the encode
-    stage's schema (pipelines.encode.output_schema), rows dealt round-robin; keys `<shard><row>`, URLs `urls[i]`
+    stage's format (pipelines.shards, crops as PNG), rows dealt round-robin; keys `<shard><row>`, URLs `urls[i]`
     (several crops of one image share one) or http://127.0.0.1/<key>.jpg. For tests and benchmarks that need
     training data without running the stages."""
     from infgen.images import to_pil
-    from pipelines.encode import output_schema
+    from pipelines.shards import encode_hr, write_shard
 
     directory.mkdir(parents=True, exist_ok=True)
+    h, w = hr.shape[2:]
     for shard in range(shards):
         rows = list(range(shard, len(latents), shards))
-        pngs = []
-        for i in rows:
-            buffer = io.BytesIO()
-            to_pil(hr[i]).save(buffer, format="PNG", compress_level=1)
-            pngs.append(buffer.getvalue())
         keys = [f"{shard:05d}{i:06d}" for i in rows]
-        h, w = hr.shape[2:]
         n = len(rows)
-        table = pa.table({
-            "key": keys,
-            "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(latents[rows].numpy().astype(np.float16)),
-            "hr": pngs, "hr_width": [w] * n, "hr_height": [h] * n,
-            "crop_box": pa.FixedShapeTensorArray.from_numpy_ndarray(np.tile(np.array([0, 0, w, h], np.int32), (n, 1))),
+        write_shard(str(directory / f"{shard:05d}.parquet"), {
+            "key": keys, "latent": latents[rows].numpy().astype(np.float16),
+            "hr": [encode_hr(to_pil(hr[i])) for i in rows], "hr_width": [w] * n, "hr_height": [h] * n,
+            "crop_box": np.tile(np.array([0, 0, w, h], np.int32), (n, 1)),
             "orig_width": [w] * n, "orig_height": [h] * n, "caption": [None] * n,
             "url": [urls[i] for i in rows] if urls is not None else [f"http://127.0.0.1/{k}.jpg" for k in keys]},
-            schema=output_schema(tuple(latents.shape[1:])))
-        pq.write_table(table, directory / f"{shard:05d}.parquet")
+            tuple(latents.shape[1:]))
     return directory

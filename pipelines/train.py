@@ -11,35 +11,33 @@ from `ray.train.get_checkpoint()`; a worker that dies restarts the group from th
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from infgen.data import random_target_size, target_window
-from infgen.images import resize, to_rgb
+from infgen.images import resize
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import WEIGHTS_NAME, InfGen
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
-from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, held_out_keys, init_ray, plain_config,
-                              require, resolve_files, verbose)
+from pipelines import checkpoint, shards
+from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, init_ray, plain_config, require, resolve_files,
+                              verbose)
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 RUN_CONFIG = "run_config.json"  # in the run directory: what its checkpoints were trained with (check_resume)
 EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
 
@@ -81,17 +79,12 @@ def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
     return top, left, height, width
 
 
-def decode_targets(hr: np.ndarray, size: tuple[int, int],
+def decode_targets(hr: Sequence[bytes], size: tuple[int, int],
                    region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
-    """Encoded high-resolution crops → (B, 3, H, W) in [-1, 1] at `size`, or only the window `region` of it
-    (infgen.data.target_window). A JPEG crop (encode's hr_format) decodes at the smallest 1/2^k scale still at
-    least `size` (Pillow's draft mode), 4× fewer pixels per halving."""
-    out = []
-    for data in hr:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (size[1], size[0]))  # JPEG only (elsewhere a no-op); never below the output size
-        out.append(target_window(to_rgb(image), size, region))
-    return torch.stack(out)
+    """Encoded high-resolution crops (the shards' `hr`) → (B, 3, H, W) in [-1, 1] at `size`, or only the window
+    `region` of it (infgen.data.target_window). A JPEG crop decodes at a reduced scale never below `size`
+    (pipelines.shards.hr_image)."""
+    return torch.stack([target_window(shards.hr_image(data, at_least=size), size, region) for data in hr])
 
 
 class TargetPrefetcher:
@@ -138,39 +131,25 @@ class TargetPrefetcher:
                     future.cancel()
 
 
-def held_out_rows(paths: list[str], fs, count: int) -> tuple[list[str], np.ndarray, list[bytes]]:
-    """The last `count` rows of the last shard: never trained on, decoded in every sample grid."""
-    import pyarrow.parquet as pq
-
-    with fs.open_input_file(paths[-1]) as f:  # only the last row group: shards hold gigabytes of PNGs
-        parquet = pq.ParquetFile(f)
-        table = parquet.read_row_group(parquet.num_row_groups - 1, columns=["key", "latent", "hr"])
-    table = table.slice(max(0, table.num_rows - count))
-    latents = table.column("latent").combine_chunks().to_numpy_ndarray().astype(np.float32)
-    return table.column("key").to_pylist(), latents, table.column("hr").to_pylist()
-
-
 # ---- the loop on each worker --------------------------------------------------------------------------------
 
 
 def build_model(cfg: Mapping[str, Any]) -> InfGen:
-    """A fresh preset, or the weights of a stage-1 checkpoint / exported model (stage 2)."""
-    init_from = cfg.get("init_from")
+    """A fresh `preset`, or the weights of a stage-1 checkpoint / exported model (`init_from`, stage 2), with
+    the `model` overrides: a preset and a checkpoint are built with them; an exported model's config is changed
+    through InfGenConfig's own checks (e.g. grad_checkpointing, max_size for stage 2). Raises ValueError for an
+    `init_from` that is neither, or an override InfGenConfig rejects."""
+    init_from, overrides = cfg.get("init_from"), cfg.get("model", {})
     if not init_from:
-        return InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
-    path = Path(init_from)
-    if (path / STATE_FILE).is_file():  # a training checkpoint: start from its EMA weights
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        model = InfGen.from_preset(cfg["preset"], **cfg.get("model", {}))
-        model.load_state_dict(state["trainer"]["ema"])
+        return InfGen.from_preset(cfg["preset"], **overrides)
+    if checkpoint.is_checkpoint(init_from):  # a training checkpoint: start from its EMA weights
+        return checkpoint.load_ema(init_from, InfGen.from_preset(cfg["preset"], **overrides))
+    if (Path(init_from) / WEIGHTS_NAME).is_file():
+        model = InfGen.from_pretrained(init_from)
+        model.config = replace(model.config, **overrides)  # __post_init__ validates; the weights stay
         return model
-    if (path / WEIGHTS_NAME).is_file():
-        model = InfGen.from_pretrained(path)
-        for key, value in cfg.get("model", {}).items():  # e.g. grad_checkpointing, max_size for stage 2
-            setattr(model.config, key, value)
-        return model
-    raise ValueError(f"init_from {init_from}: neither a training checkpoint ({STATE_FILE}) nor an exported "
-                     f"model ({WEIGHTS_NAME})")
+    raise ValueError(f"init_from {init_from}: neither a training checkpoint ({checkpoint.STATE_FILE}) nor an "
+                     f"exported model ({WEIGHTS_NAME})")
 
 
 class Progress:
@@ -218,18 +197,10 @@ def train_loop(cfg: dict) -> None:
     trainer = InfGenTrainer(model, loss, dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
 
     run_id = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-            rng_file = Path(directory) / f"rng_rank{rank}.pt"
-            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-        trainer.load_state_dict(state["trainer"])
-        run_id = state.get("mlflow_run_id")
-        if rng:
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+    latest = ray.train.get_checkpoint()
+    if latest:
+        with latest.as_directory() as directory:
+            run_id = checkpoint.restore(directory, trainer, rank)
         if rank == 0:
             print(f"[train] resumed from step {trainer.step}")
 
@@ -239,7 +210,7 @@ def train_loop(cfg: dict) -> None:
                           tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"),
                           system_metrics=True)
         run_id = tracker.start()
-        if not checkpoint:
+        if not latest:
             tracker.log_params(cfg["params"])
         sampler = SampleGrid(cfg, device)
 
@@ -300,11 +271,7 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        if rank == 0:
-            torch.save({"trainer": trainer.state_dict(), "mlflow_run_id": run_id,
-                        "model_config": asdict(unwrap(trainer.model).config)}, Path(directory) / STATE_FILE)
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   Path(directory) / f"rng_rank{rank}.pt")
+        checkpoint.save(directory, trainer, rank, run_id)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -461,7 +428,7 @@ def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: lis
     """The rows training never reads: the sample grid's rows and every row the `holdout` section holds out
     (the evaluation's images, selected by pipelines.common.Holdout as the evaluation selects them)."""
     holdout = Holdout.from_config(cfg.get("holdout"))
-    held = held_out_keys(fs, paths, holdout)
+    held = shards.held_out_keys(fs, paths, holdout)
     if holdout:
         print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
     return sample_keys + held
@@ -469,7 +436,6 @@ def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: lis
 
 def run_train(config: Any) -> TrainResult:
     """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -486,12 +452,9 @@ def run_train(config: Any) -> TrainResult:
     init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
 
     fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
-    keys, latents, hr = held_out_rows(paths, fs, cfg["samples"]["count"])
-    excluded = excluded_keys(fs, paths, cfg, keys)
-    dataset = (ray.data.read_parquet(paths, filesystem=fs, columns=["key", "latent", "hr"])
-               .filter(expr=~ray.data.expressions.col("key").is_in(excluded))
-               .select_columns(["latent", "hr"])
-               .randomize_block_order())  # a new block order every epoch
+    # the sample grid's rows: never trained on, decoded in every sample grid
+    keys, latents, hr = shards.last_rows(fs, paths, cfg["samples"]["count"])
+    dataset = shards.training_dataset(fs, paths, excluded_keys(fs, paths, cfg, keys))
 
     # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
     cfg["model"] = {"scaling_factor": load_vae(cfg["vae"]).scaling_factor, **(cfg.get("model") or {})}
@@ -531,7 +494,7 @@ def run_train(config: Any) -> TrainResult:
     state_run = None
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
-            state_run = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False).get("mlflow_run_id")
+            state_run = checkpoint.mlflow_run_id(directory)
     return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"),
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=metrics, run_id=state_run)

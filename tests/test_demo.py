@@ -7,15 +7,16 @@ wallpapers (tests/test_sample_data.py checks those at the real thresholds), with
 import csv
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from infgen.photos import load_shipped_photos
 from jobs.config import load_job_config
+from pipelines.common import resolve_files
 from pipelines.demo import run_demo
 from pipelines.services import free_port
+from pipelines.shards import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")]
@@ -48,7 +49,7 @@ def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys)
 
     # the split by file: the evaluation scored crops of the held-out photos (coffee, chelsea, flower) only
     held = {p.path.name for p in load_shipped_photos("holdout")}
-    urls = pq.read_table(result.stages["encode"].output, columns=["key", "url"]).to_pydict()
+    urls = read_rows(*resolve_files(result.stages["encode"].output), ["key", "url"]).to_pydict()
     file_of = {k: u.rsplit("/", 1)[1] for k, u in zip(urls["key"], urls["url"])}
     with open(Path(result.stages["evaluate"].output) / "per_image.csv") as f:
         scored = {row["key"] for row in csv.DictReader(f)}

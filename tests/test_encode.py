@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -22,8 +21,10 @@ from PIL import Image
 from infgen.images import to_tensor
 from pipelines.common import STATS, SUCCESS
 from pipelines.encode import (EncodeConfig, EncodeUDF, SkipSample, crop_box_for, decode_image, prepare_sample,
-                              read_shard_stats, resolve_vae, run_encode)
+                              resolve_vae, run_encode)
 from pipelines.sample_data import LARGE_PHOTOS, write_photos
+from pipelines.shards import read_rows as read_shards
+from pipelines.shards import read_shard_stats, tensor_column
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 256  # input_size in the Ray tests: latents (4, 32, 32), a quarter of the CPU time of 512²
@@ -75,10 +76,10 @@ def config(input_spec, output, **overrides) -> dict:
 
 
 def read_rows(output: str) -> dict:
-    table = pq.read_table(sorted(Path(output).glob("*.parquet")))
+    table = read_shards(pafs.LocalFileSystem(), [str(p) for p in sorted(Path(output).glob("*.parquet"))])
     rows = {name: table[name].to_pylist() for name in table.column_names if name not in ("latent", "crop_box")}
-    rows["latent"] = table["latent"].combine_chunks().to_numpy_ndarray()
-    rows["crop_box"] = table["crop_box"].combine_chunks().to_numpy_ndarray()
+    rows["latent"] = tensor_column(table, "latent")  # as stored
+    rows["crop_box"] = tensor_column(table, "crop_box")
     return rows
 
 
@@ -305,7 +306,7 @@ def test_an_actor_encodes_a_whole_shard_in_vae_batches_of_batch_size(photo_dir, 
     stats = actor.encode_shard(str(directory / "00000.tar"), str(tmp_path / "00000.parquet"))
     assert max(seen) <= 2 and sum(seen) == 3 * 3 + 2  # 3 good samples × 3 crops, 2 broken ones a row each
     assert (stats["images_in"], stats["encoded"]) == (5, 9)
-    assert pq.read_table(tmp_path / "00000.parquet").num_rows == 9
+    assert read_shards(pafs.LocalFileSystem(), [str(tmp_path / "00000.parquet")]).num_rows == 9
 
 
 def test_member_names_variants_and_other_formats_are_not_missing(photo_dir, tmp_path):

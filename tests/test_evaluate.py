@@ -20,6 +20,7 @@ from infgen.fid import FeatureSample, PatchProtocol, RandomConvFeatures, kernel_
 from infgen.models import InfGen
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.sample_data import write_encoded_shards
+from pipelines.shards import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,7 +261,8 @@ def test_generation_from_latent_files_against_reference_images(ray_local, model_
 def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
     import hashlib
 
-    from pipelines.common import Holdout, held_out_keys, resolve_files
+    from pipelines.common import Holdout, resolve_files
+    from pipelines.shards import held_out_keys
     from pipelines.evaluate import plan
     from pipelines.train import excluded_keys
 
@@ -299,7 +301,7 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     section = {"fraction": 0.0, "seed": 0, "urls": str(listed)}
 
     fs, paths = resolve_files(str(encoded))
-    table = pq.read_table(paths, filesystem=fs, columns=["key", "url"])
+    table = read_rows(fs, paths, ["key", "url"])
     url_of = dict(zip(table.column("key").to_pylist(), table.column("url").to_pylist()))
     held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
     assert len(held) == 2

@@ -1,13 +1,14 @@
 """filter → download → encode, end to end: LAION-style metadata in the real V2 schema, img2dataset
 downloading from 127.0.0.1, the tiny VAE on a Ray actor pool; exact counts carried through every stage."""
 
-import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from pipelines.common import resolve_files
 from pipelines.download import run_download
 from pipelines.encode import run_encode
 from pipelines.filter import run_filter
 from pipelines.sample_data import LARGE_PHOTOS, MISSING, serve, write_laion_parquet, write_photos
+from pipelines.shards import read_rows, tensor_column
 
 BROKEN_ROWS = ["truncated.jpg", "html.jpg", "empty.jpg", "bomb.png", "tiny.jpg", MISSING]
 
@@ -45,9 +46,9 @@ def test_filter_download_encode(ray_local, tmp_path, tiny_vae):
                           "vae": "tiny", "input_size": 256, "min_side": 512, "hr_max_side": 1024,
                           "mlflow": {"tracking_uri": tracking, "experiment": "e2e"}})
     assert encoded.stats["images_in"] == len(LARGE_PHOTOS) and encoded.stats["encoded"] == len(LARGE_PHOTOS)
-    table = pq.read_table(encoded.output)
+    table = read_rows(*resolve_files(encoded.output))
     assert table.num_rows == len(LARGE_PHOTOS) and len(set(table.column("key").to_pylist())) == table.num_rows
-    latents = table.column("latent").combine_chunks().to_numpy_ndarray()
+    latents = tensor_column(table, "latent")  # as stored
     assert latents.shape == (len(LARGE_PHOTOS), 4, 32, 32) and str(latents.dtype) == "float16"
     assert sorted(u.rsplit("/", 1)[1] for u in table.column("url").to_pylist()) == sorted(f"{n}.jpg" for n in LARGE_PHOTOS)
 

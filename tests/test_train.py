@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from infgen.data import photo_pairs
 from infgen.models import InfGen
+from pipelines.checkpoint import STATE_FILE
 from pipelines.sample_data import write_encoded_shards
-from pipelines.train import STATE_FILE, build_model, run_train
+from pipelines.train import build_model, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")
@@ -96,11 +97,11 @@ def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
                                stderr=subprocess.STDOUT)
     run_dir = tmp_path / "train" / cfg.name
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.pt")):
+    while time.time() < deadline and not list(run_dir.glob(f"checkpoint_*/{STATE_FILE}")):
         time.sleep(0.5)
     process.kill()  # the driver dies mid-run (its workers go with it)
     process.wait()
-    assert list(run_dir.glob("checkpoint_*/state.pt")), process.stdout.read().decode()[-3000:]
+    assert list(run_dir.glob(f"checkpoint_*/{STATE_FILE}")), process.stdout.read().decode()[-3000:]
 
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -165,6 +166,9 @@ def test_stage2_starts_from_stage1(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(stage1.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="neither a training checkpoint"):
         build_model({**cfg, "init_from": str(tmp_path)})
+    # an exported model's config changes through InfGenConfig's checks, as a preset's does
+    with pytest.raises(ValueError, match="upsampler_norm"):
+        build_model({**cfg, "model": {"upsampler_norm": "batch"}})
 
 
 def test_unreachable_tracking_server_does_not_stop_training(ray_local, encoded, tmp_path):
