@@ -41,9 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infgen.data import random_region, region_at  # noqa: E402
 from infgen.evaluation import DECODERS as EVAL_DECODERS, Decoders  # noqa: E402
-from infgen.images import resize  # noqa: E402
+from infgen.images import random_region, region_at, resize  # noqa: E402
 from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402

@@ -85,7 +85,7 @@ def base_config(args: argparse.Namespace, data: Path) -> dict:
     cfg["data"] = str(data)
     cfg["train"].update(steps=args.steps, batch_size=args.batch_size, threads_per_worker=args.threads,
                         log_every=args.log_every, checkpoint_every=NEVER, sample_every=NEVER,
-                        max_failures=0, fail_at_step=None)
+                        max_failures=0)
     if args.disc_start is not None:
         cfg["loss"]["disc_start"] = args.disc_start
     return cfg

@@ -32,26 +32,6 @@ def random_crop_box(width: int, height: int, rng: random.Random, min_side: int,
     return left, top, left + cw, top + ch
 
 
-def random_region(width: int, height: int, rng: random.Random, min_side: int,
-                  max_side: Optional[int] = None) -> tuple[int, int, int, int]:
-    """A random square (left, top, right, bottom) whose side is log-uniform in [min_side, min(max_side, short
-    side)]: every scale from a close-up to the whole short side is as likely per octave. Raises ValueError when
-    the image is smaller than min_side."""
-    short = min(width, height, max_side or width)
-    if short < min_side:
-        raise ValueError(f"image {width}×{height} is too small for a {min_side}-pixel region")
-    side = min(short, round(math.exp(rng.uniform(math.log(min_side), math.log(short)))))
-    left, top = rng.randint(0, width - side), rng.randint(0, height - side)
-    return left, top, left + side, top + side
-
-
-def region_at(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The region `box` of `image` resized (Lanczos, antialiased) to size×size: (3, size, size) in [-1, 1].
-    Pillow resizes only the box (reducing by whole factors first when shrinking more than 2×), so a crop of a
-    24 MP photo costs milliseconds."""
-    return to_tensor(image.resize((size, size), Image.LANCZOS, box=box, reducing_gap=2.0))
-
-
 def target_window(image: Image.Image, size: tuple[int, int],
                   region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
     """`image` resized (Pillow bicubic, antialiased) to size (H, W): (3, H, W) in [-1, 1]; with `region` =

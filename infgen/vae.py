@@ -135,8 +135,7 @@ def fit_vae(autoencoder: nn.Module, seed: int, photos: str, phases: list[list[in
     import math
     import random
 
-    from .data import random_region, region_at
-    from .images import shipped_photos
+    from .images import random_region, region_at, shipped_photos
     from .photos import load_photos, open_rgb
 
     rng = random.Random(seed)

@@ -338,7 +338,6 @@ def filter_batch(batch: pa.Table, mapping: tuple, params: Mapping[str, Any], par
 
     counts = np.bincount(reason, minlength=len(ROW_REASONS) + 1)
     codes = np.flatnonzero(counts[1:]) + 1
-    _crash_once_hook(batch)
     return pa.concat_tables([out, _stats_rows(codes, counts[codes], out.schema)])
 
 
@@ -349,21 +348,6 @@ def _stats_rows(codes: np.ndarray, counts: np.ndarray, schema: pa.Schema) -> pa.
     cols["_count"] = pa.array(counts, pa.int64())
     cols["_part"] = pa.array(np.full(len(codes), _STATS_PART), pa.int32())
     return pa.table(cols, schema=schema)
-
-
-def _crash_once_hook(batch: pa.Table) -> None:
-    """Fault injection for tests: with the Ray Data context config `infgen.filter.crash_once_dir` set, the
-    first attempt at each batch kills its worker after all the work is done, so Ray retries the task."""
-    from ray.data import DataContext
-
-    directory = DataContext.get_current().get_config("infgen.filter.crash_once_dir")
-    if directory and batch.num_rows:
-        marker = os.path.join(directory, f"{batch.num_rows}-{uuid.uuid5(uuid.NAMESPACE_URL, str(batch[0][0]))}")
-        try:
-            open(marker, "x").close()
-        except FileExistsError:
-            return
-        os._exit(1)
 
 
 # ---- global decisions: duplicates and max_rows ------------------------------------------------------------

@@ -168,7 +168,7 @@ class DemoDataset:
 
     metadata: Path  # the LAION-Aesthetics-V2 parquet: the pipeline's input
     holdout_urls: Optional[Path]  # the held-out photos' URLs, one per line (train and evaluate `holdout.urls`)
-    counts: dict[str, int]  # rows, photos, held_out, broken, filtered_out: for the demo's summary
+    counts: dict[str, int]  # rows, photos, held_out, broken, filtered_out (rows planted to drop): the demo's summary
 
 
 def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
@@ -212,11 +212,14 @@ def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
     width, height = CLAIMED_SIZE
     rows += [{"url": f"{base_url}/{name}", "text": what, "width": width, "height": height, "aesthetic": 6.0}
              for name, what in DEMO_BROKEN.items()]
-    rows += [{"url": f"{base_url}/thumb.jpg", "text": "too small", "width": 120, "height": 90},
-             {"url": f"{base_url}/ugly.jpg", "text": "low score", "width": width, "height": height, "aesthetic": 3.0},
-             {"url": f"{base_url}/nsfw.jpg", "text": "unsafe", "width": width, "height": height, "punsafe": 0.99},
-             {"url": f"{base_url}/logo.jpg", "text": "watermark", "width": width, "height": height, "pwatermark": 0.95},
-             {**rows[0], "text": "the same URL again"}]
+    # one reason each; the demo prints how many, so the count comes from this list
+    planted = [{"url": f"{base_url}/thumb.jpg", "text": "too small", "width": 120, "height": 90},
+               {"url": f"{base_url}/ugly.jpg", "text": "low score", "width": width, "height": height, "aesthetic": 3.0},
+               {"url": f"{base_url}/nsfw.jpg", "text": "unsafe", "width": width, "height": height, "punsafe": 0.99},
+               {"url": f"{base_url}/logo.jpg", "text": "watermark", "width": width, "height": height,
+                "pwatermark": 0.95},
+               {**rows[0], "text": "the same URL again"}]
+    rows += planted
     path = directory / "metadata" / "laion-demo.parquet"
     table = laion_table(rows, "aesthetics_v2")
     if not path.exists() or not pq.read_table(path).equals(table):  # unchanged: keep the mtime (fingerprints)
@@ -226,7 +229,7 @@ def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
         holdout_urls.parent.mkdir(parents=True, exist_ok=True)
         holdout_urls.write_text("".join(f"{url}\n" for url in held))
     return DemoDataset(path, holdout_urls, {"rows": len(rows), "photos": good, "held_out": len(held),
-                                            "broken": len(DEMO_BROKEN), "filtered_out": 5})
+                                            "broken": len(DEMO_BROKEN), "filtered_out": len(planted)})
 
 
 def write_encoded_shards(directory: Path, latents: torch.Tensor, hr: torch.Tensor, shards: int = 2,

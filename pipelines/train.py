@@ -234,8 +234,6 @@ def train_loop(cfg: dict) -> None:
                 step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
                                               halo=train["window_halo"])
                 step = trainer.step
-                if train.get("fail_at_step") == step and rank == world - 1:
-                    fail_once(cfg, step)
                 progress.add(step_log)
                 due = {every: step % train[every] == 0 or step == train["steps"]
                        for every in ("log_every", "sample_every", "checkpoint_every")}
@@ -255,15 +253,6 @@ def train_loop(cfg: dict) -> None:
         if rank == 0:
             export(cfg, trainer, tracker)
             tracker.set_note(training_note(cfg, trainer.step, sampler))
-
-
-def fail_once(cfg: Mapping[str, Any], step: int) -> None:
-    """Failure injection for tests: the first attempt dies at `fail_at_step`, the restarted one goes on."""
-    marker = Path(cfg["run_dir"]) / f".failed_at_{step}"
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
 def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], metrics: dict) -> None:
@@ -393,7 +382,7 @@ class SampleGrid:
 SECTIONS = {  # every key a training config may have; anything else is a typo that would be silently ignored
     "train": {"steps", "batch_size", "sizes", "multiple", "aspect_range", "num_workers", "use_gpu", "cpus_per_worker",
               "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
-              "sample_every", "shuffle_buffer", "seed", "fail_at_step", "window", "window_halo", "decode_threads"},
+              "sample_every", "shuffle_buffer", "seed", "window", "window_halo", "decode_threads"},
     "samples": {"count", "sizes"},
     "holdout": set(HOLDOUT_KEYS),
     "mlflow": {"tracking_uri", "experiment", "registered_model_name"},

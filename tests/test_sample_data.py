@@ -53,8 +53,13 @@ def test_demo_dataset_serves_the_photos_as_they_are_in_the_laion_v2_schema(tmp_p
         assert (row["WIDTH"], row["HEIGHT"]) == Image.open(photo.path).size and photo.author in row["TEXT"]
     for name in DEMO_BROKEN:
         assert f"{BASE}/{name}" in rows
+    # the rows written to be dropped, counted from the table: URLs of neither a photo nor a broken file, and repeats
+    urls = table["URL"].to_pylist()
+    served = {f"{BASE}/{p.path.name}" for p in photos} | {f"{BASE}/{name}" for name in DEMO_BROKEN}
+    planted = sum(url not in served for url in urls) + len(urls) - len(set(urls))
+    assert planted == 5  # too small, low score, NSFW, watermark, a repeated URL
     assert data.counts == {"rows": len(photos) + 3 + 5, "photos": len(photos), "held_out": len(SHIPPED_HOLDOUT),
-                           "broken": 3, "filtered_out": 5}
+                           "broken": 3, "filtered_out": planted}
 
     # the split by file: exactly the held-out photos' URLs, which Holdout then holds out (whatever the port)
     listed = data.holdout_urls.read_text().split()

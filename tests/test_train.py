@@ -38,8 +38,43 @@ def config(encoded, output, tracking_uri, **train):
     return cfg
 
 
-def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path, mlflow_server, tiny_vae):
-    cfg = config(encoded, tmp_path / "train", mlflow_server, fail_at_step=11)
+def failing_once_at(step: int, train_loop):
+    """`train_loop` whose last rank raises right after training step `step`, once: the marker `.failed_at_<step>`
+    in the run directory lets the restarted attempt go on. Defined in a function: cloudpickle sends it to the
+    workers by value, and it patches InfGenTrainer there, in each worker's own process."""
+    def loop_failing_once(cfg: dict) -> None:
+        import ray.train
+        from infgen.training import InfGenTrainer
+
+        ctx = ray.train.get_context()
+        last_rank = ctx.get_world_rank() == ctx.get_world_size() - 1
+        marker = Path(cfg["run_dir"]) / f".failed_at_{step}"
+        train_step = InfGenTrainer.train_step
+
+        def train_step_failing_once(self, *args, **kwargs):
+            log = train_step(self, *args, **kwargs)
+            if self.step == step and last_rank and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"injected failure at step {step}")
+            return log
+
+        InfGenTrainer.train_step = train_step_failing_once
+        try:
+            train_loop(cfg)
+        finally:
+            InfGenTrainer.train_step = train_step
+
+    return loop_failing_once
+
+
+def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path, mlflow_server, tiny_vae,
+                                                    monkeypatch):
+    import pipelines.train
+
+    cfg = config(encoded, tmp_path / "train", mlflow_server)
+    # run_train looks train_loop up at call time: the TorchTrainer gets the failing one
+    monkeypatch.setattr(pipelines.train, "train_loop", failing_once_at(11, pipelines.train.train_loop))
     result = run_train(cfg)
 
     # the injected failure happened, and the run restarted from the step-8 checkpoint to finish at 24

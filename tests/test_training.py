@@ -100,7 +100,7 @@ def test_window_training_learns_the_whole_image(photo_latents):
 
 
 def test_random_regions_cover_every_scale():
-    from infgen.data import random_region
+    from infgen.images import random_region
 
     rng = random.Random(0)
     sides = []

@@ -64,7 +64,7 @@ def test_photo_vae_is_fitted_on_training_files_and_reconstructs_held_out_ones():
     """The realistic offline VAE (`make setup` fits it): held-out files it never saw, crops of every scale."""
     import random
 
-    from infgen.data import random_region, region_at
+    from infgen.images import random_region, region_at
     from infgen.photos import load_photos, open_rgb
     from infgen.vae import OFFLINE_VAES
 
