@@ -78,11 +78,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image.seek(0)
     image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    if mode == "RGB":
+        return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
         if not np.isfinite(values).all():

@@ -44,8 +44,12 @@ def test_transparency_is_composited_on_img2dataset_white_in_every_mode():
     # a palette PNG whose bottom half's colour is the transparent one
     palette = reopen(quantized, "PNG", transparency=quantized.getpixel((7, 7)))
     assert palette.mode == "P" and "transparency" in palette.info
+    # an RGB PNG whose bottom half's colour (black) is its transparent colour (tRNS)
+    keyed = reopen(Image.fromarray(np.where(rgba[..., 3:] > 0, rgba[..., :3], 0).astype(np.uint8)), "PNG",
+                   transparency=(0, 0, 0))
+    assert keyed.mode == "RGB" and "transparency" in keyed.info
     for image in (reopen(Image.fromarray(rgba, "RGBA"), "PNG"), Image.fromarray(rgba, "RGBA").convert("LA"),
-                  palette):
+                  palette, keyed):
         rgb = np.asarray(to_rgb(image))
         assert rgb.shape == (8, 8, 3)
         assert (rgb[-1, -1] == BACKGROUND).all(), image.mode   # transparent → white, never black
