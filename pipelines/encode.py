@@ -589,7 +589,9 @@ def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_nam
 
     latents, crops = [], []
     for name in output_names:
-        table = shards.read_rows(fs, [f"{out_dir}/{name}"], ["latent", "hr"]).slice(0, cfg.grid_samples - len(crops))
+        # the first row group only (64 MB): the driver never reads a whole shard's crops
+        table = shards.read_row_group(fs, f"{out_dir}/{name}", 0, ["latent", "hr"])
+        table = table.slice(0, cfg.grid_samples - len(crops))
         latents.append(shards.latents(table))
         crops += table.column("hr").to_pylist()
         if len(crops) >= cfg.grid_samples:
