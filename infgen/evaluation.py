@@ -115,11 +115,13 @@ class Decoders:
 @dataclass
 class Chunk:
     """Samples decoded together: same latent shape. truths: ground-truth images (3, h, w) in [-1, 1] at any
-    size (reconstruction), or None (generation: the aspect comes from the latent)."""
+    size (reconstruction), or None (generation: the aspect comes from the latent). resolutions: per sample, the
+    resolutions it is evaluated at (None: every one)."""
 
     keys: list[str]
     latents: torch.Tensor
     truths: Optional[list[torch.Tensor]] = None
+    resolutions: Optional[list[Sequence[int]]] = None
 
 
 class EvalAccumulator:
@@ -230,6 +232,8 @@ class EvalAccumulator:
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         h, w = chunk.latents.shape[2:]
         for i in range(len(chunk.keys)):
+            if chunk.resolutions is not None and res not in chunk.resolutions[i]:
+                continue
             aspect = w / h if chunk.truths is None else chunk.truths[i].shape[2] / chunk.truths[i].shape[1]
             if chunk.truths is not None and not self.upsample_truth and max(chunk.truths[i].shape[1:]) < res:
                 self.counts[(REFERENCE, res)]["truth_skipped"] += 1

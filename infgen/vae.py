@@ -41,11 +41,15 @@ OFFLINE_VAES: dict[str, dict] = {
                  seed=0),
     "photo": dict(config=dict(_SD_BLOCKS, block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=16),
                   # most steps on 32-px crops (cheap), then 128-px ones: GroupNorm's statistics of a 32-px
-                  # crop differ from a whole image's, and without the second phase held-out PSNR at 128 px
-                  # was 15.6 dB instead of 23.2 (1,700 steps, ~4.5 min on 2 cores)
-                  fit=dict(photos="train", phases=[[32, 16, 1200], [128, 4, 400]], lr=1e-3, kl_weight=1e-6,
+                  # crop differ from a whole image's (the 32-px model alone: ~16 dB at 128 px). Held-out PSNR
+                  # (48 crops of the 12 held-out files, 128 px, benchmarks/quality.py) over seeds 0-3:
+                  # 23.6/25.7/25.5/25.2 dB with these 2,400 + 600 steps, 23.4/24.1/23.1 (seeds 0-2) with
+                  # 1,200 + 400. The second phase must stay at the decayed learning rate (a restarted warm-up
+                  # and cosine lost 4 dB), wider low levels (32,32,64,64) did not help, lr 2e-3 + clipping
+                  # fell to 19.9. Seed 1: the best of the four on 32 crops of TRAINING photos (28.9 dB).
+                  fit=dict(photos="train", phases=[[32, 16, 2400], [128, 4, 600]], lr=1e-3, kl_weight=1e-6,
                            logvar_init=-6.0),
-                  seed=0),
+                  seed=1),
 }
 
 

@@ -36,9 +36,9 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -74,14 +74,15 @@ class EvalConfig:
     output: str  # results under <output>/<fingerprint>/ (a path or URI)
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
-    limit: Optional[int] = None  # at most this many samples (encoded rows, smallest key hash) or latent files
+    limit: Optional[int] = None  # at most this many samples at each resolution (encoded rows of the smallest key
+    #   hashes whose ground truth reaches it: see `select`) or latent files
     holdout: dict = field(default_factory=lambda: {"fraction": 0.0, "seed": 0, "urls": None})  # only the images
     #   training held out with the same section (pipelines.common.Holdout: listed URLs and/or a URL-hash fraction);
     #   neither: every row
     name: str = "eval"
     resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
-    upsample_truth: bool = True  # False: a sample whose ground truth is smaller than the output is left out at that
-    #   resolution and counted (truth_skipped); every number then compares with real pixels
+    upsample_truth: bool = True  # False: every number compares with real pixels: with a `limit`, each resolution
+    #   selects samples whose ground truth reaches it; without, a smaller one is left out there and counted
     decoders: list = field(default_factory=lambda: list(DECODERS))
     vae: str = "tiny"  # the baselines' decoder and the iterative decoder's encoder
     vae_subfolder: Optional[str] = None
@@ -228,7 +229,7 @@ class EvalWorker:
                 raise ValueError(f"{unit['path']}: latents of shape {tuple(chunk.latents.shape[1:])} have "
                                  f"{chunk.latents.shape[1]} channels; the VAE {self.cfg.vae!r} takes "
                                  f"{self.latent_channels}")
-            self.acc.add_chunk(Chunk(chunk.keys, chunk.latents.to(self.device), chunk.truths), self.decoders)
+            self.acc.add_chunk(replace(chunk, latents=chunk.latents.to(self.device)), self.decoders)
         return sum(len(c.keys) for c in chunks)
 
     def stats(self, key: tuple) -> RunningStats:
@@ -259,7 +260,8 @@ def read_encoded_unit(unit: dict) -> Iterator[Chunk]:
                 truths.append(to_tensor(shards.hr_image(hr[i])))
             except Exception as e:
                 raise ValueError(f"{unit['path']} row {i} (key {keys[i]}): unreadable hr image ({e})") from None
-        yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part]), truths)
+        yield Chunk([keys[i] for i in part], torch.from_numpy(latents[part]), truths,
+                    [unit["resolutions"][keys[i]] for i in part] if "resolutions" in unit else None)
 
 
 def read_latent_unit(unit: dict) -> Iterator[Chunk]:
@@ -339,26 +341,45 @@ def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
 
 
 def plan_encoded(cfg: EvalConfig, chunk_rows: int, holdout: Holdout) -> Plan:
-    """Units of at most `chunk_rows` selected rows of one parquet row group; the selection is the `limit`
-    smallest key hashes (deterministic, independent of file order), or every row."""
+    """Units of at most `chunk_rows` selected rows of one parquet row group, each row with the resolutions it is
+    evaluated at (see `select`)."""
     fs, paths = resolve_files(cfg.data, suffix=".parquet")
-    groups = [(path, g, keys) for path in paths  # (path, row group, keys)
-              for g, keys in enumerate(shards.row_group_keys(fs, path, uri(fs, path)))]
+    groups = [(path, g, rows) for path in paths  # (path, row group, [(key, hr long side)])
+              for g, rows in enumerate(shards.row_group_keys(fs, path, uri(fs, path)))]
     if holdout:  # only the images training held out, by the same split
         keep = set(shards.held_out_keys(fs, paths, holdout))
-        groups = [(path, g, [k for k in ks if k in keep]) for path, g, ks in groups]
-    keys = sorted((key_hash(k), k) for _, _, ks in groups for k in ks)
-    if not keys:
+        groups = [(path, g, [r for r in rows if r[0] in keep]) for path, g, rows in groups]
+    ordered = sorted((key_hash(k), k, side) for _, _, rows in groups for k, side in rows)
+    if not ordered:
         raise ValueError(f"data {cfg.data}: the shards hold no rows"
                          + (f" held out by holdout ({holdout.describe()})" if holdout else ""))
-    selected = {k for _, k in (keys[:cfg.limit] if cfg.limit else keys)}
+    selected = select([(k, side) for _, k, side in ordered], cfg.resolutions, cfg.limit, cfg.upsample_truth)
     units = []  # at most chunk_rows samples each: many small units keep every actor busy to the end
-    for path, g, ks in groups:
-        chosen = [k for k in ks if k in selected]
+    for path, g, rows in groups:
+        chosen = [k for k, _ in rows if k in selected]
         units += [{"kind": "encoded", "uri": uri(fs, path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
-                   "keys": chosen[i:i + chunk_rows]} for i in range(0, len(chosen), chunk_rows)]
-    grid_keys = [k for _, k in keys if k in selected][:cfg.grid["count"]]
+                   "keys": chosen[i:i + chunk_rows], "resolutions": {k: selected[k] for k in chosen[i:i + chunk_rows]}}
+                  for i in range(0, len(chosen), chunk_rows)]
+    grid_keys = [k for _, k, _ in ordered if k in selected][:cfg.grid["count"]]
     return Plan(units, paths, fs, len(selected), grid_keys, holdout=holdout.describe())
+
+
+def select(rows: Sequence[tuple[str, Optional[int]]], resolutions: Sequence[int], limit: Optional[int],
+           upsample_truth: bool) -> dict[str, list[int]]:
+    """Which rows are evaluated at which resolutions: {key: [resolution, ...]}. rows: (key, long side of the
+    ground truth in px, None when unknown), in selection order (smallest key hash first: deterministic,
+    independent of file order). Without a limit, every row at every resolution. With one, at each resolution
+    the first `limit` rows whose ground truth reaches it (any row when `upsample_truth`, or when its size is
+    unknown: the accumulator then skips and counts it), so a large resolution gets `limit` samples of real
+    pixels too, not only the few of the first `limit` rows that happen to be large enough."""
+    if not limit:  # every row everywhere: the accumulator skips (and counts) a truth too small for a resolution
+        return {key: list(resolutions) for key, _ in rows}
+    chosen: dict[str, list[int]] = {}
+    for res in resolutions:
+        reaching = [k for k, side in rows if upsample_truth or side is None or side >= res]
+        for key in reaching[:limit]:
+            chosen.setdefault(key, []).append(res)
+    return chosen
 
 
 # ---- reference statistics cache -----------------------------------------------------------------------------
@@ -448,7 +469,7 @@ def run_evaluate(config: Any) -> StageResult:
     start = time.time()
     init_ray(cfg.ray.get("address"), cfg.ray.get("num_cpus"))
     p = plan(cfg)
-    data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "kind": cfg.data_kind,
+    data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "selection": "per-resolution", "kind": cfg.data_kind,
                                                 "reference": p.reference_files,
                                                 "holdout": p.holdout})
     model_dir = Path(cfg.model or "")

@@ -210,16 +210,25 @@ def read_rows(fs: pafs.FileSystem, paths: Sequence[str], columns: Optional[Seque
     return pa.concat_tables(tables)
 
 
-def row_group_keys(fs: pafs.FileSystem, path: str, name: Optional[str] = None) -> list[list[str]]:
-    """The keys of each row group of the shard at `path` (reads only the key column). Raises ValueError naming
-    the file (`name`, default `path`) when it lacks a column of REQUIRED."""
+def row_group_keys(fs: pafs.FileSystem, path: str, name: Optional[str] = None) -> list[list[tuple[str, Optional[int]]]]:
+    """(key, long side of its hr crop in pixels) of each row of each row group of the shard at `path` (reads
+    only those columns; the side is None in shards without hr_width/hr_height). Raises ValueError naming the
+    file (`name`, default `path`) when it lacks a column of REQUIRED."""
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
-        missing = set(REQUIRED) - set(parquet.schema_arrow.names)
+        names = set(parquet.schema_arrow.names)
+        missing = set(REQUIRED) - names
         if missing:
             raise ValueError(f"{name or path}: not an encode-stage shard (missing columns {sorted(missing)})")
-        return [parquet.read_row_group(g, columns=["key"]).column("key").to_pylist()
-                for g in range(parquet.num_row_groups)]
+        sized = {"hr_width", "hr_height"} <= names
+        groups = []
+        for g in range(parquet.num_row_groups):
+            table = parquet.read_row_group(g, columns=["key", "hr_width", "hr_height"] if sized else ["key"])
+            keys = table.column("key").to_pylist()
+            sides = (pc.max_element_wise(table.column("hr_width"), table.column("hr_height")).to_pylist() if sized
+                     else [None] * len(keys))
+            groups.append(list(zip(keys, sides)))
+        return groups
 
 
 def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: Sequence[str]) -> pa.Table:

@@ -18,7 +18,7 @@ from infgen.data import photo_pairs
 from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator, output_size
 from infgen.fid import FeatureSample, PatchProtocol, RandomConvFeatures, kernel_inception_distance, patch_priority
 from infgen.models import InfGen
-from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.evaluate import EvalConfig, EvalWorker, plan, run_evaluate, select
 from pipelines.sample_data import write_encoded_shards
 from pipelines.shards import read_rows
 
@@ -342,6 +342,32 @@ def test_ground_truth_is_never_upsampled_when_told(tiny_vae, pairs):
             assert at_512["truth_skipped"] == 3 and not at_512.get("truth_upsampled")
             assert ("vae_bicubic", 512) not in acc.counts and not acc.counts[(REFERENCE, 512)].get("images")
             assert {r["resolution"] for r in acc.per_image} == {128, 256}
+
+
+def test_limit_holds_at_each_resolution_with_real_pixels(tiny_vae, pairs, encoded):
+    """limit: at each resolution the first `limit` rows whose ground truth reaches it, so the largest resolution
+    gets its samples too (the first `limit` rows alone may hold none that large); without a limit every row is
+    evaluated everywhere (the accumulator skips and counts a truth too small)."""
+    rows = [("a", 300), ("b", 600), ("c", 300), ("d", 1100), ("e", None), ("f", 2048)]
+    assert select(rows, [256, 512, 1024], 2, upsample_truth=False) == {
+        "a": [256], "b": [256, 512], "d": [512, 1024], "e": [1024]}
+    assert select(rows, [256, 1024], 2, upsample_truth=True) == {"a": [256, 1024], "b": [256, 1024]}
+    assert select(rows, [256, 2048], None, upsample_truth=False) == {k: [256, 2048] for k, _ in rows}
+    # a chunk's per-sample resolutions: "b" is decoded at 128 only
+    latents, hr = pairs  # ground truth 256²
+    acc = EvalAccumulator(RandomConvFeatures(), PatchProtocol(size=64, shift=32), [128, 256], 64)
+    acc.add_chunk(Chunk(["a", "b"], latents[:2], list(hr[:2]), [[128, 256], [128]]),
+                  Decoders(["vae_bicubic"], None, tiny_vae, None, 512))
+    assert acc.counts[(REFERENCE, 128)]["images"] == 2 and acc.counts[(REFERENCE, 256)]["images"] == 1
+    assert not acc.counts[(REFERENCE, 256)].get("truth_skipped")
+    # planned and run by a worker (ground truth 256²): 512 selects nobody, so nothing is decoded or skipped there
+    cfg = eval_config(None, encoded, "unused", None, model=None, decoders=["vae_bicubic"], limit=2,
+                      resolutions=[128, 256, 512], upsample_truth=False)
+    cfg = OmegaConf.to_container(cfg)
+    worker = EvalWorker(cfg, reference_features=True, lpips_ok=False, grid_keys=[], aspect=None)
+    assert sum(worker.process(unit) for unit in plan(EvalConfig.from_mapping(cfg)).units) == 2
+    assert worker.acc.counts[("vae_bicubic", 256)]["images"] == 2
+    assert not worker.acc.counts[(REFERENCE, 512)].get("truth_skipped") and ("vae_bicubic", 512) not in worker.acc.counts
 
 
 def test_bad_latents_and_empty_directories_fail_clearly(ray_local, model_dir, tmp_path):
