@@ -35,7 +35,8 @@ from PIL import Image  # noqa: E402
 
 from infgen.data import target_window  # noqa: E402
 from infgen.photos import load_photos  # noqa: E402
-from pipelines.encode import EncodeConfig, crop_box_for, decode_image, encode_hr  # noqa: E402
+from pipelines.encode import EncodeConfig, crop_box_for, decode_image  # noqa: E402
+from pipelines.shards import encode_hr  # noqa: E402
 from pipelines.train import decode_targets  # noqa: E402
 
 IMAGES = 5_000_000
@@ -74,7 +75,7 @@ def main() -> None:
 
     photos = load_photos()  # photographs and renders, both splits: only bytes and times are measured
     cfg = EncodeConfig(input="-", output="-", min_side=1024, hr_max_side=2048)
-    options = {"png": dict(hr_format="png", png_compress_level=1), "jpeg95": dict(hr_format="jpeg", hr_quality=95)}
+    options = {"png": dict(hr_format="png", png_compress_level=1), "jpeg95": dict(hr_format="jpeg", quality=95)}
     rows = {name: {"bytes": [], "encode_s": [], "decode_1024_s": [], "decode_2048_s": []}
             for name in (*options, "webp_ll", "original")}
     originals = {"bytes": [], "megapixels": []}
@@ -92,9 +93,8 @@ def main() -> None:
         if max(crop.size) > cfg.hr_max_side:
             crop = crop.resize((cfg.hr_max_side, cfg.hr_max_side), Image.BICUBIC)
         for name, overrides in options.items():
-            option = EncodeConfig(input="-", output="-", **overrides)
-            stored = encode_hr(crop, option)
-            rows[name]["encode_s"].append(timed(lambda: encode_hr(crop, option), args.repeats))
+            stored = encode_hr(crop, **overrides)
+            rows[name]["encode_s"].append(timed(lambda: encode_hr(crop, **overrides), args.repeats))
             rows[name]["bytes"].append(len(stored))
             for size in (1024, 2048):
                 rows[name][f"decode_{size}_s"].append(
