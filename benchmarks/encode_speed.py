@@ -33,6 +33,7 @@ import pyarrow.fs as pafs  # noqa: E402
 from infgen.vae import materialise_offline_vae  # noqa: E402
 from pipelines.encode import (EncodeConfig, EncodeUDF, prepare_batch, read_tar_samples, run_encode,  # noqa: E402
                               sample_batches)
+from pipelines.config import dataclass_from  # noqa: E402
 from pipelines.shards import ShardWriter  # noqa: E402
 from pipelines.sample_data import LARGE_PHOTOS, write_photos  # noqa: E402
 
@@ -141,7 +142,7 @@ def main() -> None:
     base = dict(input=str(work / "shards"), vae="tiny", input_size=512, min_side=512, hr_max_side=2048,
                 hr_format="png", batch_size=args.batch_size, num_actors=args.num_actors,
                 cpus_per_actor=args.cpus_per_actor, grid_samples=0, mlflow={"enabled": False})
-    cfg = EncodeConfig.from_mapping({**base, "output": str(work / "unused")})
+    cfg = dataclass_from(EncodeConfig, {**base, "output": str(work / "unused")})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)  # a cluster exists already
 
     def stage(threads: int, out: Path):

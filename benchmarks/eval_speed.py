@@ -53,16 +53,17 @@ def config(args: argparse.Namespace, model: Path, data: Path, output: Path) -> d
 def bare(cfg: dict) -> float:
     """The same units, one process, no Ray."""
     from infgen.evaluation import FEATURES, REFERENCE, Decoders, EvalAccumulator
-    from infgen.fid import PatchProtocol, RandomConvFeatures
+    from infgen.fid import RandomConvFeatures
     from infgen.vae import load_vae
+    from pipelines.config import dataclass_from
     from pipelines.evaluate import EvalConfig, distances, load_model, plan, read_encoded_unit
 
     start = time.perf_counter()
-    ecfg = EvalConfig.from_mapping(cfg)
+    ecfg = dataclass_from(EvalConfig, cfg)
     model = load_model(ecfg.model).eval()
     decoders = Decoders(ecfg.decoders, model, load_vae(ecfg.vae), ecfg.tile, ecfg.tile_above)
-    acc = EvalAccumulator(RandomConvFeatures(), PatchProtocol(**ecfg.patches), ecfg.resolutions, ecfg.pr_samples,
-                          None, ecfg.feature_batch, ecfg.workers["max_batch_pixels"])
+    acc = EvalAccumulator(RandomConvFeatures(), ecfg.patches, ecfg.resolutions, ecfg.pr_samples,
+                          None, ecfg.feature_batch, ecfg.workers.max_batch_pixels)
     for unit in plan(ecfg).units:
         for chunk in read_encoded_unit(unit):
             acc.add_chunk(chunk, decoders)

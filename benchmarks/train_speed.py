@@ -101,20 +101,23 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     would cost if the data path were free)."""
     import torch
 
-    from infgen.losses import InfGenLoss, LossConfig
-    from infgen.training import InfGenTrainer, OptimConfig
+    from infgen.losses import InfGenLoss
+    from infgen.training import InfGenTrainer
     from pipelines import shards
     from pipelines.common import resolve_files
-    from pipelines.train import build_model, dataclass_from, decode_targets, target_size_for_step, window_for_step
+    from pipelines.config import dataclass_from
+    from pipelines.train import (TrainConfig, build_model, decode_targets, target_size_for_step,
+                                 window_for_step)
 
-    train = cfg["train"]
-    torch.set_num_threads(train["threads_per_worker"])
-    torch.manual_seed(train["seed"])  # what rank 0 of the Ray loop seeds: the same initial weights
-    trainer = InfGenTrainer(build_model(cfg), InfGenLoss(dataclass_from(LossConfig, cfg["loss"])),
-                            dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
-    fs, paths = resolve_files(cfg["data"], suffix=".parquet")
-    held_out = shards.last_rows(fs, paths, cfg["samples"]["count"])[0]
-    batch = train["batch_size"]
+    checked = dataclass_from(TrainConfig, cfg)  # as run_train checks it
+    train = checked.train
+    torch.set_num_threads(train.threads_per_worker)
+    torch.manual_seed(train.seed)  # what rank 0 of the Ray loop seeds: the same initial weights
+    trainer = InfGenTrainer(build_model(checked.preset, checked.model, checked.init_from),
+                            InfGenLoss(checked.loss), checked.optim)
+    fs, paths = resolve_files(checked.data, suffix=".parquet")
+    held_out = shards.last_rows(fs, paths, checked.samples.count)[0]
+    batch = train.batch_size
 
     def batches():
         epoch = 0
@@ -122,7 +125,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
             table = shards.read_rows(fs, paths, ["latent", "hr"], exclude=held_out)
             latents = shards.latents(table)
             hr = np.asarray(table.column("hr").to_pylist(), dtype=object)
-            order = np.random.default_rng(train["seed"] + epoch).permutation(len(latents))
+            order = np.random.default_rng(train.seed + epoch).permutation(len(latents))
             for i in range(0, len(order) - batch + 1, batch):
                 index = order[i:i + batch]
                 yield latents[index], hr[index]
@@ -134,17 +137,17 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
         return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, size, region), size, region
 
     data = batches()
-    ready = [step_data(step, *next(data)) for step in range(train["steps"])] if predecoded else None
+    ready = [step_data(step, *next(data)) for step in range(train.steps)] if predecoded else None
     losses = []
     start = time.perf_counter()
-    for step in range(train["steps"]):
+    for step in range(train.steps):
         if step == warmup:
             start = time.perf_counter()
         latents, targets, size, region = ready[step] if predecoded else step_data(step, *next(data))
         losses.append(trainer.train_step(latents, targets, size=size, region=region,
-                                         halo=train["window_halo"])["loss"])
+                                         halo=train.window_halo)["loss"])
     seconds = time.perf_counter() - start
-    timed = train["steps"] - warmup
+    timed = train.steps - warmup
     return {"timed_steps": timed, "warmup_steps": warmup, "seconds": round(seconds, 3),
             "samples_per_s": round(timed * batch / seconds, 4), "first_loss": round(losses[0], 4),
             "last_loss": round(losses[-1], 4)}

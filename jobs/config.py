@@ -1,32 +1,26 @@
-"""Job configuration: a YAML file plus `key=value` overrides (dotted for nested keys), via OmegaConf."""
+"""What every job shares: a YAML file plus `key=value` overrides (dotted for nested keys, via OmegaConf), checked
+into the stage's config dataclass (pipelines.config.dataclass_from), then the stage run, with bad input reported
+as one line and exit status 2 (`run_job`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
 
-
-def _open_empty_sections(node: DictConfig) -> None:
-    """An empty section (`model: {}`) is an open map: overrides add keys to it (`model.grad_checkpointing=true`),
-    which the stage then checks against what it knows."""
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            if len(child) == 0:
-                OmegaConf.set_struct(child, False)
-            else:
-                _open_empty_sections(child)
+from pipelines.config import dataclass_from
 
 
 def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load `path` and apply overrides; an override of a key the file does not have is an error, except
-    inside a section the file leaves empty (`{}`), whose keys the stage checks itself."""
+    """Load `path` and apply overrides (any key, dotted for nested ones). Which keys exist is the stage's
+    config dataclass's to say (dataclass_from names every unknown one); here only the file and the override
+    syntax are checked. Raises ValueError naming the file or the override."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config {path}: no such file")
@@ -39,31 +33,28 @@ def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConf
         except Exception as e:  # YAML that does not parse (a value of `...`, an unclosed bracket)
             raise ValueError(f"override {item!r}: the value does not parse as YAML ({type(e).__name__}); quote "
                              f"it") from None
-    OmegaConf.set_struct(config, True)
-    _open_empty_sections(config)
     try:
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigKeyError as e:
-        raise ValueError(f"config {path}: unknown key in overrides ({e.msg})") from None
-    OmegaConf.set_struct(config, False)
-    return config
+        return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # e.g. a key of a list (`sizes.x=1`)
+        raise ValueError(f"config {path}: the overrides do not apply ({type(e).__name__}: {e})") from None
 
 
 @contextlib.contextmanager
-def job_errors() -> Iterator[None]:
-    """Bad input or config (a ValueError naming the problem) → that one line on stderr and exit status 2, not a
-    traceback; anything else is a bug and keeps its traceback."""
+def job_errors(exit_codes: Mapping[type, int]) -> Iterator[None]:
+    """An error of a type in `exit_codes` (bad input or config: a ValueError naming the problem) → its one line
+    on stderr and that exit status, not a traceback; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except ValueError as e:
+    except tuple(exit_codes) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(next(code for kind, code in exit_codes.items() if isinstance(e, kind))) from None
 
 
+BAD_INPUT = {ValueError: 2}  # a config or input that is wrong: the message names it
 PLACEHOLDERS = ("FINGERPRINT", "<fp>", "<fingerprint>", "YOUR-BUCKET")
 
 
-def check_placeholders(config: DictConfig) -> None:
+def check_placeholders(config: Any) -> None:
     """A value still holding a documentation placeholder is an error naming its key."""
     def walk(node, prefix: str) -> None:
         for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
@@ -76,11 +67,13 @@ def check_placeholders(config: DictConfig) -> None:
     walk(OmegaConf.to_container(config, resolve=True), "")
 
 
-def parse_job_args(description: str, argv: Optional[Sequence[str]] = None,
-                   check: Optional[Callable[[DictConfig], Any]] = None) -> DictConfig:
-    """`--config FILE [key=value ...]` → the job's config. With `--dry-run`: check it (unknown keys, values,
-    required paths, placeholders left in; `check` is the stage's own check), print it and exit 0, running
-    nothing; a bad config exits 2 with the problem named."""
+def run_job(description: str, config_class: type, run: Callable[[Any], Any], report: Callable[[Any], None],
+            argv: Optional[Sequence[str]] = None, exit_codes: Mapping[type, int] = BAD_INPUT) -> None:
+    """The job entry point: `--config FILE [key=value ...]` → the stage's checked config (`config_class`, on
+    the driver, once) → `run(config)` → `report(result)`. With `--dry-run`: check the config (keys, values,
+    required paths, placeholders left in), print it with its defaults filled in and exit 0, running nothing. A
+    bad config exits 2 with the problem named; an error of a type in `exit_codes` raised by `run` exits with
+    its code and message."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--dry-run", action="store_true",
@@ -88,14 +81,15 @@ def parse_job_args(description: str, argv: Optional[Sequence[str]] = None,
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     args = parser.parse_args(argv)
     try:
-        config = load_job_config(args.config, args.overrides)
+        raw = load_job_config(args.config, args.overrides)
         if args.dry_run:
-            check_placeholders(config)
-            if check is not None:
-                check(config)
+            check_placeholders(raw)
+        config = dataclass_from(config_class, raw)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     if args.dry_run:
-        print(OmegaConf.to_yaml(config, resolve=True), end="")
+        print(OmegaConf.to_yaml(json.loads(json.dumps(asdict(config), default=str))), end="")
         parser.exit(0, f"{args.config}: config OK (--dry-run: nothing was run)\n")
-    return config
+    with job_errors(exit_codes):
+        result = run(config)
+    report(result)

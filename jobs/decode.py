@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
-from jobs.config import job_errors, parse_job_args
-from pipelines.common import dataclass_from
+from jobs.config import run_job
+from pipelines.common import StageResult
 from pipelines.decode import DecodeConfig, run_decode
 
 
-def main() -> None:
-    cfg = parse_job_args(__doc__, check=lambda cfg: dataclass_from(DecodeConfig, cfg))
-    with job_errors():
-        result = run_decode(cfg)
+def report(result: StageResult) -> None:
     print(f"images: {result.output}\nMLflow run: {result.run_id}")
+
+
+def main() -> None:
+    run_job(__doc__, DecodeConfig, run_decode, report)
 
 
 if __name__ == "__main__":

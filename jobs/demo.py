@@ -6,16 +6,14 @@
 import signal
 import sys
 
-from jobs.config import job_errors, parse_job_args
-from pipelines.demo import check_config, run_demo
+from jobs.config import run_job
+from pipelines.demo import DemoConfig, run_demo
 
 
 def main() -> None:
     # a SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the photo server, MLflow server and local Ray stop too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    cfg = parse_job_args(__doc__, check=check_config)
-    with job_errors():
-        run_demo(cfg)
+    run_job(__doc__, DemoConfig, run_demo, report=lambda result: None)  # run_demo prints its own summary
 
 
 if __name__ == "__main__":

@@ -9,19 +9,21 @@ from __future__ import annotations
 import json
 import logging
 
-from jobs.config import job_errors, parse_job_args
+from jobs.config import run_job
+from pipelines.common import StageResult
 from pipelines.encode import EncodeConfig, run_encode
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = parse_job_args(__doc__, check=EncodeConfig.from_mapping)
-    with job_errors():
-        result = run_encode(cfg)
+def report(result: StageResult) -> None:
     stats = result.stats
     state = "already complete, nothing done" if result.skipped else f"MLflow run {result.run_id}"
     print(f"encode: {stats['encoded']}/{stats['images_in']} images encoded, skipped "
           f"{json.dumps(stats['skipped'], sort_keys=True)} → {result.output} ({state})")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_job(__doc__, EncodeConfig, run_encode, report)
 
 
 if __name__ == "__main__":

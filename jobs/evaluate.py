@@ -3,15 +3,17 @@
     python -m jobs.evaluate --config conf/eval/local.yaml [key=value ...]
 """
 
-from jobs.config import job_errors, parse_job_args
+from jobs.config import run_job
+from pipelines.common import StageResult
 from pipelines.evaluate import EvalConfig, run_evaluate
 
 
-def main() -> None:
-    cfg = parse_job_args(__doc__, check=EvalConfig.from_mapping)
-    with job_errors():
-        result = run_evaluate(cfg)
+def report(result: StageResult) -> None:
     print(f"results: {result.output}\nMLflow run: {result.run_id}")
+
+
+def main() -> None:
+    run_job(__doc__, EvalConfig, run_evaluate, report)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 
-from jobs.config import job_errors, parse_job_args
-from pipelines.filter import check_config, run_filter
+from jobs.config import run_job
+from pipelines.common import StageResult
+from pipelines.filter import FilterConfig, run_filter
 
 
-def main() -> None:
-    cfg = parse_job_args(__doc__, check=check_config)
-    with job_errors():
-        result = run_filter(cfg)
+def report(result: StageResult) -> None:
     stats = result.stats
     print(json.dumps({"output": result.output, "skipped": result.skipped, "run_id": result.run_id,
                       "rows_in": stats["rows_in"], "rows_out": stats["rows_out"], "dropped": stats["dropped"]}, indent=2))
+
+
+def main() -> None:
+    run_job(__doc__, FilterConfig, run_filter, report)
 
 
 if __name__ == "__main__":

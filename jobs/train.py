@@ -3,16 +3,16 @@
     python -m jobs.train --config conf/train/local.yaml [key=value ...]
 """
 
-from jobs.config import job_errors, parse_job_args
-from pipelines.common import plain_config
-from pipelines.train import check_config, run_train
+from jobs.config import run_job
+from pipelines.train import TrainConfig, TrainResult, run_train
+
+
+def report(result: TrainResult) -> None:
+    print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}\nMLflow run: {result.run_id}")
 
 
 def main() -> None:
-    cfg = parse_job_args(__doc__, check=lambda cfg: check_config(plain_config(cfg)))
-    with job_errors():
-        result = run_train(cfg)
-    print(f"model: {result.model_dir}\ncheckpoint: {result.checkpoint}\nMLflow run: {result.run_id}")
+    run_job(__doc__, TrainConfig, run_train, report)
 
 
 if __name__ == "__main__":

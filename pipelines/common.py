@@ -10,39 +10,13 @@ import json
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional
 
 import pyarrow.fs as pafs
 
 SUCCESS = "_SUCCESS"
 STATS = "_stats.json"
-
-
-def plain_config(config: Any) -> dict:
-    """An OmegaConf config (as jobs/ load it) or any mapping → a plain dict, what Ray can ship to workers."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-
-
-def dataclass_from(cls, values: Any, **extra):
-    """A config section (OmegaConf or mapping) plus `extra` → the dataclass `cls`; unknown keys are an error."""
-    values = {**plain_config(values), **extra}
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys in the config: {unknown}")
-    return cls(**values)
-
-
-def require(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
-    """ValueError naming every key of `keys` that is missing, null or empty: paths a stage cannot run without."""
-    missing = [k for k in keys if values.get(k) in (None, "")]
-    if missing:
-        raise ValueError(f"{what} config: {', '.join(missing)} must be set (e.g. {missing[0]}=PATH on the command "
-                         f"line)")
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -186,82 +160,6 @@ def mark_success(fs: pafs.FileSystem, directory: str) -> None:
 def remove_dir(fs: pafs.FileSystem, directory: str) -> None:
     if fs.get_file_info(directory).type == pafs.FileType.Directory:
         fs.delete_dir(directory)
-
-
-HOLDOUT_KEYS = ("fraction", "seed", "urls")
-
-
-def _url_id(url: Optional[str]) -> str:
-    """What the split compares: the URL's path and query. The host is left out: mirrors of one image fall on
-    the same side, and a server's port does not move it."""
-    parts = urlsplit(url or "")
-    return f"{parts.path}?{parts.query}"
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """The train/evaluation split, the `holdout` section of the training and evaluation configs. Training
-    leaves out exactly the images `held_out` selects and the evaluation scores exactly those, so both must be
-    given the same section.
-
-    An image is held out when its URL is listed in the file `urls` (one URL per line: a fixed split by file,
-    as the demo's from conf/photos.yaml) or when a hash of its URL falls in `fraction` (a random split that
-    needs no list, as on LAION), either or both. Every crop of an image has its URL, so all fall on one side.
-    """
-
-    fraction: float = 0.0
-    seed: int = 0
-    urls: Optional[str] = None  # a text file of held-out URLs, one per line
-    listed: frozenset = frozenset()  # _url_id of each URL in `urls` (read by from_config)
-
-    @staticmethod
-    def check(section: Any) -> dict:
-        """A config's `holdout` section ({fraction, seed, urls}; missing keys default; None: nothing held out),
-        checked and filled in, without reading the URL file (workers on other nodes need not see it). Raises
-        ValueError naming the key that is wrong."""
-        values = plain_config(section or {})
-        unknown = sorted(set(values) - set(HOLDOUT_KEYS))
-        if unknown:
-            raise ValueError(f"holdout: unknown keys {unknown}; known: {list(HOLDOUT_KEYS)}")
-        fraction = values.get("fraction") or 0.0
-        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise ValueError(f"holdout.fraction must be a number in [0, 1), got {fraction!r}")
-        return {"fraction": float(fraction), "seed": int(values.get("seed") or 0), "urls": values.get("urls") or None}
-
-    @classmethod
-    def from_config(cls, section: Any) -> "Holdout":
-        """The split a config's `holdout` section describes (see `check`), its URL file read. Raises ValueError
-        naming the key, or the URL file, that is wrong."""
-        values = cls.check(section)
-        fraction, seed, urls = values["fraction"], values["seed"], values["urls"]
-        if not urls:
-            return cls(fraction, seed)
-        path = Path(urls)
-        if not path.is_file():
-            raise ValueError(f"holdout.urls {urls}: no such file (a list of held-out URLs, one per line)")
-        listed = frozenset(_url_id(line.strip()) for line in path.read_text().splitlines() if line.strip())
-        if not listed:
-            raise ValueError(f"holdout.urls {urls}: the file lists no URLs")
-        return cls(fraction, seed, str(urls), listed)
-
-    def __bool__(self) -> bool:
-        return bool(self.fraction or self.listed)
-
-    def held_out(self, url: Optional[str]) -> bool:
-        """True for an image never to train on: its URL is listed, or its hash falls in `fraction`."""
-        key = _url_id(url)
-        if key in self.listed:
-            return True
-        if not self.fraction:
-            return False
-        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") < self.fraction * 2 ** 64
-
-    def describe(self) -> str:
-        """For logs and fingerprints: the fraction, the seed and the listed URLs (sorted), hashed."""
-        listed = hashlib.sha256("\n".join(sorted(self.listed)).encode()).hexdigest()[:12]
-        return (f"fraction {self.fraction} seed {self.seed}"
-                + (f", {len(self.listed)} URLs listed in {self.urls} (sha256 {listed})" if self.listed else ""))
 
 
 @dataclass

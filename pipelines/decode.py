@@ -16,36 +16,52 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.common import (STATS, StageResult, dataclass_from, init_ray, local_files, output_root, output_uri,
-                              plain_config, publish, require, resolve_files, staging_path, uri, write_json)
+from pipelines.common import (STATS, StageResult, local_files, output_root, output_uri, publish, resolve_files,
+                              staging_path, uri, write_json)
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
 
 DONE_SUFFIX = ".done"  # per input file, written after its images: the file is complete
 DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass
-class DecodeConfig:
-    """conf/decode/local.yaml documents every key."""
+class DecodeWorkers:
+    """The `workers` section: the actor pool."""
 
-    model: str
-    input: str
-    output: str
+    num_actors: int = 1  # model copies decoding files in parallel
+    cpus_per_actor: float = 1
+    num_gpus: float = 0  # per actor
+    dtype: str = "fp32"  # fp32 | fp16 | bf16: weights and compute
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"decode config: workers.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class DecodeConfig:
+    """The batch-decoding job's config; conf/decode/local.yaml documents every key. Checked on construction:
+    a ValueError names the key that is wrong."""
+
+    CONFIG_NAME: ClassVar[str] = "decode"
+    model: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
     sizes: list = field(default_factory=lambda: [1024])
     format: str = "png"
     batch_size: int = 4
     tile: Optional[int] = None
     unscaled: bool = False
     name: str = "decode"
-    workers: dict = field(default_factory=lambda: {"num_actors": 1, "cpus_per_actor": 1, "num_gpus": 0,
-                                                   "dtype": "fp32"})
-    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "infgen-decode"})
-    ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})
+    workers: DecodeWorkers = field(default_factory=DecodeWorkers)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-decode"))
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         from infgen.images import IMAGE_FORMATS
@@ -59,9 +75,6 @@ class DecodeConfig:
             raise ValueError(f"decode config: format must be one of {IMAGE_FORMATS}, got {self.format!r}")
         if self.batch_size < 1:
             raise ValueError(f"decode config: batch_size must be at least 1, got {self.batch_size}")
-        self.workers = {"num_actors": 1, "cpus_per_actor": 1, "num_gpus": 0, "dtype": "fp32", **self.workers}
-        if self.workers["dtype"] not in DTYPES:
-            raise ValueError(f"decode config: workers.dtype must be one of {DTYPES}, got {self.workers['dtype']!r}")
 
 
 def _size(value: Any) -> Any:
@@ -84,8 +97,8 @@ class FileDecoder:
         from pipelines.evaluate import load_model
 
         self.cfg, self.in_fs, self.out_fs = cfg, in_fs, out_fs
-        self.device = torch.device("cuda" if cfg.workers["num_gpus"] and torch.cuda.is_available() else "cpu")
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.workers["dtype"]]
+        self.device = torch.device("cuda" if cfg.workers.num_gpus and torch.cuda.is_available() else "cpu")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.workers.dtype]
         self.model = load_model(cfg.model, tracking_uri).to(self.device, dtype).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,14 +142,15 @@ class FileDecoder:
                 "seconds": time.perf_counter() - start}
 
 
-def run_decode(config: Any) -> StageResult:
-    """Decode every latent file of `input` at every size of `sizes` into `output` (see the module docstring)."""
+def run_decode(config: DecodeConfig | Mapping[str, Any]) -> StageResult:
+    """Decode every latent file of `input` at every size of `sizes` into `output` (see the module docstring).
+    `config`: a DecodeConfig, or a mapping checked into one (ValueError naming the key)."""
     import ray
     from tqdm import tqdm
 
     from infgen.io import LATENT_SUFFIXES
 
-    cfg = dataclass_from(DecodeConfig, plain_config(config))
+    cfg = dataclass_from(DecodeConfig, config)
     t0 = time.perf_counter()
     in_fs, paths = resolve_files(cfg.input, LATENT_SUFFIXES)
     out_fs, root = output_root(cfg.output)
@@ -152,12 +166,12 @@ def run_decode(config: Any) -> StageResult:
 
     rows = []
     if todo:
-        init_ray(cfg.ray.get("address"), cfg.ray.get("num_cpus"))
+        cfg.ray.init()
         w = cfg.workers
         ds = ray.data.from_items([{"path": p, "target": t} for p, t in todo]).map_batches(
-            FileDecoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=int(w["num_actors"])),
-            num_cpus=w["cpus_per_actor"], num_gpus=w["num_gpus"],
-            fn_constructor_kwargs={"cfg": cfg, "tracking_uri": cfg.mlflow.get("tracking_uri"), "in_fs": in_fs,
+            FileDecoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=int(w.num_actors)),
+            num_cpus=w.cpus_per_actor, num_gpus=w.num_gpus,
+            fn_constructor_kwargs={"cfg": cfg, "tracking_uri": cfg.mlflow.tracking_uri, "in_fs": in_fs,
                                    "out_fs": out_fs})
         with tqdm(total=len(todo), unit="file", desc="decode") as bar:
             for row in ds.iter_rows():
@@ -179,13 +193,12 @@ def run_decode(config: Any) -> StageResult:
 
 
 def _track(cfg: DecodeConfig, stats: dict, out_fs: pafs.FileSystem, root: str) -> Optional[str]:
-    from pipelines.tracking import Tracker, config_hash
+    from pipelines.tracking import config_hash
 
-    config = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    config = asdict(cfg)
     tags = {"infgen.stage": "decode", "infgen.input": cfg.input, "infgen.output": stats["output"],
             "infgen.model": cfg.model, "infgen.config_hash": config_hash(config)}
-    with Tracker(cfg.mlflow.get("tracking_uri"), cfg.mlflow.get("experiment") or "infgen-decode", cfg.name,
-                 tags=tags) as tracker:
+    with cfg.mlflow.tracker(cfg.name, tags=tags) as tracker:
         tracker.log_params(config)
         tracker.log_metrics({k: stats[k] for k in ("files", "files_decoded", "files_failed", "latents", "images",
                                                    "seconds", "images_per_s") if stats[k] is not None})

@@ -12,13 +12,14 @@ import contextlib
 import os
 import shlex
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-from omegaconf import OmegaConf
+from typing import Any, ClassVar, Mapping
 
 from infgen.photos import Photo
-from pipelines.pipeline import PipelineResult, run_pipeline
+from pipelines.config import MlflowConfig, dataclass_from
+from pipelines.holdout import Holdout
+from pipelines.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from pipelines.services import mlflow_server, mlflow_server_command
 
 log_prefix = "[demo]"
@@ -26,25 +27,35 @@ PHOTO_SETS = ("wallpapers", "shipped")  # conf/photos.yaml's files | the small p
 
 
 def demo_photos(photo_set: str) -> list[Photo]:
-    """The `photos` the demo serves: 'wallpapers' (infgen.photos.load_photos(), both splits) or 'shipped'."""
+    """The `photos` the demo serves (one of PHOTO_SETS, as DemoConfig checks): 'wallpapers'
+    (infgen.photos.load_photos(), both splits) or 'shipped'."""
     from infgen.photos import load_photos, load_shipped_photos
 
-    if photo_set not in PHOTO_SETS:
-        raise ValueError(f"demo config: photos={photo_set!r} is not one of {list(PHOTO_SETS)}")
     return load_photos() if photo_set == "wallpapers" else load_shipped_photos()
 
 
-def check_config(config: Any) -> None:
-    """The demo's own keys and every stage's config as the demo runs it (`--dry-run`); ValueError naming it."""
-    from pipelines.pipeline import check_config as check_stages
+@dataclass
+class DemoConfig(PipelineConfig):
+    """The demo's config (conf/demo.yaml documents every key): the pipeline's, plus the demo's own data.
+    Checked on construction, every stage's config too (PipelineConfig; ValueError naming the stage and key)."""
 
-    if config.photos not in PHOTO_SETS:
-        raise ValueError(f"demo config: photos={config.photos!r} is not one of {list(PHOTO_SETS)}")
-    check_stages(config)
+    CONFIG_NAME: ClassVar[str] = "demo"
+    name: str = "demo"
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-demo"))
+    photos: str = "wallpapers"  # wallpapers | shipped (PHOTO_SETS)
+    site_port: int = 18765  # 127.0.0.1 port serving the photos (fixed: the URLs are part of the data)
+    holdout: Holdout = field(default_factory=Holdout)  # its `urls`: where the held-out photos' URLs are written
+    figure_sizes: list = field(default_factory=lambda: ["256x256", "512x512"])  # WxH, one held-out latent at each
+
+    def __post_init__(self) -> None:
+        if self.photos not in PHOTO_SETS:
+            raise ValueError(f"demo config: photos={self.photos!r} is not one of {list(PHOTO_SETS)}")
+        super().__post_init__()
 
 
-def run_demo(config: Any) -> PipelineResult:
-    cfg = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+def run_demo(config: DemoConfig | Mapping[str, Any]) -> PipelineResult:
+    """Serve the demo's data, start MLflow and Ray, run the pipeline, draw the figure and print the summary."""
+    cfg = dataclass_from(DemoConfig, config)
     output = Path(cfg.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray: no token file in ~/.ray
@@ -57,14 +68,15 @@ def run_demo(config: Any) -> PipelineResult:
             site = output / "site"
             # a fixed port: the URLs, and so the fingerprints, are the same every run
             base_url = stack.enter_context(serve(site, cfg.site_port))
-            data = write_demo_dataset(site, base_url, demo_photos(cfg.photos), cfg.holdout.get("urls"))
+            data = write_demo_dataset(site, base_url, demo_photos(cfg.photos), cfg.holdout.urls)
             input_uri, n = data.metadata, data.counts
             listed = f"listed in {data.holdout_urls}" if data.holdout_urls else "not listed: holdout.urls is null"
             print(f"{log_prefix} serving {n['photos']} photos ({cfg.photos}; {n['held_out']} held out by file, "
                   f"{listed}), {n['broken']} broken URLs and {n['filtered_out']} rows to filter out from {base_url}",
                   flush=True)
         if not cfg.mlflow.tracking_uri:
-            cfg.mlflow.tracking_uri = stack.enter_context(mlflow_server(output / "mlflow"))
+            cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=stack.enter_context(
+                mlflow_server(output / "mlflow"))))
             print(f"{log_prefix} MLflow server at {cfg.mlflow.tracking_uri} (SQLite: {output / 'mlflow' / 'mlflow.db'})",
                   flush=True)
         result = run_pipeline(cfg, input_uri=str(input_uri))
@@ -73,7 +85,7 @@ def run_demo(config: Any) -> PipelineResult:
     return result
 
 
-def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path | None:
+def decoded_sizes_figure(cfg: DemoConfig, result: PipelineResult, path: Path) -> Path | None:
     """One held-out latent decoded by the trained model at each of `figure_sizes`, side by side."""
     import torch
 
@@ -81,13 +93,12 @@ def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path |
     from infgen.models import InfGen
     from infgen.visualize import image_grid
     from pipelines import shards
-    from pipelines.common import Holdout, resolve_files
-    from pipelines.tracking import Tracker
+    from pipelines.common import resolve_files
 
     if "train" not in result.stages or "encode" not in result.stages:
         return None
     fs, paths = resolve_files(result.stages["encode"].output)
-    keys = shards.held_out_keys(fs, paths, Holdout.from_config(cfg.holdout))  # in file order: the first one
+    keys = shards.held_out_keys(fs, paths, cfg.holdout.read())  # in file order: the first one
     if not keys:
         return None
     latent = torch.from_numpy(shards.latents(shards.read_rows(fs, paths, ["latent"], keys=keys[:1])))
@@ -99,13 +110,12 @@ def decoded_sizes_figure(cfg: Any, result: PipelineResult, path: Path) -> Path |
         labels.append(f"{w}x{h}")
     image_grid([images], labels, cell=320).save(path)
     if result.run_ids.get("pipeline"):  # none when every stage was reused: no run for a figure that is the same
-        with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, "demo-figure",
-                     run_id=result.run_ids["pipeline"]) as tracker:
+        with cfg.mlflow.tracker("demo-figure", run_id=result.run_ids["pipeline"]) as tracker:
             tracker.log_artifact(path)
     return path
 
 
-def summary(cfg: Any, result: PipelineResult, output: Path, figure: Path | None, seconds: float) -> None:
+def summary(cfg: DemoConfig, result: PipelineResult, output: Path, figure: Path | None, seconds: float) -> None:
     from pipelines.evaluate import print_table
 
     print(f"\n{log_prefix} done in {seconds / 60:.1f} min. Outputs under {output}:")

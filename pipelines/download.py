@@ -45,29 +45,57 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              local_files, publish, read_json, require, resolve_files, staging_path, write_json)
-from pipelines.tracking import Tracker, config_hash
+from pipelines.common import (STATS, StageResult, fingerprint, is_complete, local_files, mark_success, publish,
+                              read_json, resolve_files, staging_path, write_json)
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.tracking import config_hash
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "input": None, "output": "outputs/data/download", "url_col": "url", "caption_col": "caption",
-    "save_columns": None, "max_long_side": None, "min_image_size": 1024, "max_image_pixels": 100_000_000,
-    "encode_format": "jpg", "encode_quality": 95, "number_sample_per_shard": 1000, "timeout": 10,
-    "retries": 1, "processes_count": 2, "thread_count": 32, "distributor": "multiprocessing",
-    "retry_failed": False, "user_agent_token": None,
-    "ray": {"address": None, "num_cpus": None},
-    "mlflow": {"tracking_uri": None, "experiment": "infgen-data"},
-}
+
+@dataclass
+class DownloadConfig:
+    """The download stage's config; conf/data/download.yaml documents every key. Checked on construction: a
+    ValueError names the key that is wrong."""
+
+    CONFIG_NAME: ClassVar[str] = "download"
+    input: Optional[str] = None  # the filter stage's output directory, or <download output>/failed.parquet
+    output: Optional[str] = "outputs/data/download"
+    url_col: str = "url"
+    caption_col: Optional[str] = "caption"
+    save_columns: Optional[list] = None  # null: every other column
+    max_long_side: Optional[int] = None
+    min_image_size: int = 1024
+    max_image_pixels: Optional[int] = 100_000_000
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    number_sample_per_shard: int = 1000
+    timeout: float = 10
+    retries: int = 1
+    processes_count: int = 2
+    thread_count: int = 32
+    distributor: str = "multiprocessing"  # multiprocessing (one machine) | ray (a cluster)
+    retry_failed: bool = False
+    user_agent_token: Optional[str] = None
+    ray: RayConfig = field(default_factory=RayConfig)  # the ray distributor's cluster
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-data"))
+
+    def __post_init__(self) -> None:
+        require(vars(self), ("input", "output"), "download")
+        if self.distributor not in ("multiprocessing", "ray"):
+            raise ValueError(f"download config: distributor={self.distributor!r}; use multiprocessing or ray")
+        if self.save_columns is not None and not isinstance(self.save_columns, (list, tuple)):
+            raise ValueError(f"download config: save_columns={self.save_columns!r} must be a list or null")
+
+
 # the parameters that decide what lands in the shards: they (and the input files) name the output directory;
 # timeouts, retries and parallelism do not, so a retry with a longer timeout continues the same output
 SHAPE_KEYS = ("url_col", "caption_col", "save_columns", "max_long_side", "min_image_size", "max_image_pixels",
@@ -120,33 +148,33 @@ def resize_options(max_long_side: Optional[int]) -> dict[str, Any]:
             "skip_reencode": True, "downscale_interpolation": "area"}
 
 
-def run_download(config: Any) -> StageResult:
-    """Download (or continue, or retry the failures of) one output; see the module docstring."""
-    cfg = check_config(config)
+def run_download(config: DownloadConfig | Mapping[str, Any]) -> StageResult:
+    """Download (or continue, or retry the failures of) one output; see the module docstring. `config`: a
+    DownloadConfig, or a mapping checked into one (ValueError naming the key)."""
+    cfg = dataclass_from(DownloadConfig, config)
     # before img2dataset (and cv2, albumentations) are imported here or in the spawned workers
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("WANDB_SILENT", "true")
-    if cfg["max_image_pixels"]:
-        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(cfg["max_image_pixels"]))
+    if cfg.max_image_pixels:
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(cfg.max_image_pixels))
     out = _locate(cfg)
-    retry = cfg["retry_failed"] or out.from_failed
+    retry = cfg.retry_failed or out.from_failed
     if is_complete(out.fs, out.root) and not retry:
         log.info("download output %s is complete: nothing to do", out.uri)
         return StageResult(out.uri, read_json(out.fs, f"{out.root}/{STATS}"), skipped=True)
 
     tags = {"infgen.stage": "download", "infgen.input": out.input, "infgen.output": out.uri,
             "infgen.fingerprint": out.fp, "infgen.config_hash": config_hash(out.params)}
-    with Tracker(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment"], run_name="download",
-                 tags=tags) as tracker:
-        tracker.log_params({k: v for k, v in cfg.items() if k != "mlflow"})
+    with cfg.mlflow.tracker("download", tags=tags) as tracker:
+        tracker.log_params({k: v for k, v in asdict(cfg).items() if k != "mlflow"})
         start = time.time()
         if out.fs.get_file_info(out.path("_input", "_PREPARED")).type != pafs.FileType.File:
             _prepare(out)
         pending_round = bool(_rounds(out)) and not is_complete(out.fs, out.root)
         if not is_complete(out.fs, out.root):  # first run, or continuing a killed one (main pass or a round)
             _download(out, cfg)
-            stats = _finish(out, cfg)
+            stats = _finish(out)
         else:
             stats = read_json(out.fs, f"{out.root}/{STATS}")
         if retry and not pending_round:  # a killed retry round that just finished was the retry asked for
@@ -155,7 +183,7 @@ def run_download(config: Any) -> StageResult:
             else:
                 _start_round(out)
                 _download(out, cfg)
-                stats = _finish(out, cfg)
+                stats = _finish(out)
         tracker.log_metrics({"rows": stats["rows"], "success": stats["success"], "failed": stats["failed"],
                              "duration_s": time.time() - start,
                              **{f"failures.{k}": v for k, v in stats["failures"].items()}})
@@ -169,22 +197,6 @@ def run_download(config: Any) -> StageResult:
 
 
 # ---- configuration and location -----------------------------------------------------------------------------
-
-def check_config(config: Any) -> dict[str, Any]:
-    """The download config with defaults filled in; a ValueError naming the key otherwise (`--dry-run`)."""
-    config = plain_config(config)
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"download config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **config, "mlflow": {**DEFAULTS["mlflow"], **(config.get("mlflow") or {})},
-           "ray": {**DEFAULTS["ray"], **(config.get("ray") or {})}}
-    require(cfg, ("input", "output"), "download")
-    if cfg["distributor"] not in ("multiprocessing", "ray"):
-        raise ValueError(f"download config: distributor={cfg['distributor']!r}; use multiprocessing or ray")
-    if cfg["save_columns"] is not None and not isinstance(cfg["save_columns"], (list, tuple)):
-        raise ValueError(f"download config: save_columns={cfg['save_columns']!r} must be a list or null")
-    return cfg
-
 
 @dataclass
 class _Output:
@@ -204,8 +216,8 @@ class _Output:
         return "/".join([self.root, *parts])
 
 
-def _locate(cfg: dict) -> _Output:
-    spec = str(cfg["input"])
+def _locate(cfg: DownloadConfig) -> _Output:
+    spec = cfg.input
     in_fs, files = resolve_files(spec)
     if len(files) == 1 and os.path.basename(files[0]) == FAILED:  # fed back: retry into the output it came from
         root = os.path.dirname(files[0])
@@ -217,10 +229,10 @@ def _locate(cfg: dict) -> _Output:
                 return _Output(in_fs, root, uri, stats["fingerprint"], stats["params"], stats["input"],
                                from_failed=True)
     _require_success(in_fs, spec, files)
-    params = {k: cfg[k] for k in SHAPE_KEYS}
+    params = {k: getattr(cfg, k) for k in SHAPE_KEYS}
     params["save_columns"] = _save_columns(in_fs, files, cfg)
     fp = fingerprint(in_fs, files, params)
-    output = str(cfg["output"]).rstrip("/")
+    output = cfg.output.rstrip("/")
     if "://" in output:
         fs, base = pafs.FileSystem.from_uri(output)
         return _Output(fs, f"{base}/{fp}", f"{output}/{fp}", fp, params, spec, in_fs=in_fs, files=files)
@@ -238,16 +250,16 @@ def _require_success(fs: pafs.FileSystem, spec: str, files: list[str]) -> None:
                              f"writing it (rerun the filter stage, or point input at a finished output)")
 
 
-def _save_columns(fs: pafs.FileSystem, files: list[str], cfg: dict) -> list[str]:
+def _save_columns(fs: pafs.FileSystem, files: list[str], cfg: DownloadConfig) -> list[str]:
     """The metadata columns to keep: as configured, or every column but url/caption/bookkeeping/pandas index."""
-    url_col, caption_col = cfg["url_col"], cfg["caption_col"]
+    url_col, caption_col = cfg.url_col, cfg.caption_col
     schemas = {f: pq.read_schema(f, filesystem=fs) for f in files}
     for f, schema in schemas.items():
         for name, role in ((url_col, "url_col"), (caption_col, "caption_col")):
             if name is not None and name not in schema.names:
                 raise ValueError(f"input {f}: no column {name!r} ({role}); columns are {schema.names}")
-    if cfg["save_columns"] is not None:
-        wanted = list(cfg["save_columns"])
+    if cfg.save_columns is not None:
+        wanted = list(cfg.save_columns)
     else:
         first = schemas[files[0]].names
         wanted = [c for c in first if c not in (url_col, caption_col) and c not in OWN and not c.startswith("__")]
@@ -314,15 +326,15 @@ def _start_round(out: _Output) -> None:
     log.info("%s: retrying %d failed rows as %s", out.uri, table.num_rows, name)
 
 
-def _download(out: _Output, cfg: dict) -> None:
+def _download(out: _Output, cfg: DownloadConfig) -> None:
     """One img2dataset call over everything in _input/; shards already done are skipped."""
     import img2dataset  # heavy (cv2, albumentations, wandb): imported only when downloading
 
     params = out.params
     save = ["row_id"] + [_stored_name(c) for c in params["save_columns"]]
-    if cfg["distributor"] == "ray":
+    if cfg.distributor == "ray":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
+        cfg.ray.init()
     previous = signal.getsignal(signal.SIGINT)  # img2dataset installs its own SIGINT handler: restore ours after
     try:
         img2dataset.download(
@@ -332,8 +344,8 @@ def _download(out: _Output, cfg: dict) -> None:
             number_sample_per_shard=params["number_sample_per_shard"], encode_format=params["encode_format"],
             encode_quality=params["encode_quality"], min_image_size=params["min_image_size"] or 0,
             max_image_area=float(params["max_image_pixels"] or "inf"), **resize_options(params["max_long_side"]),
-            timeout=cfg["timeout"], retries=cfg["retries"], processes_count=cfg["processes_count"],
-            thread_count=cfg["thread_count"], distributor=cfg["distributor"], user_agent_token=cfg["user_agent_token"],
+            timeout=cfg.timeout, retries=cfg.retries, processes_count=cfg.processes_count,
+            thread_count=cfg.thread_count, distributor=cfg.distributor, user_agent_token=cfg.user_agent_token,
             compute_hash="sha256", enable_wandb=False)
     finally:
         if signal.getsignal(signal.SIGINT) is not previous:
@@ -357,7 +369,7 @@ def _done_shards(out: _Output) -> set[int]:
     return {int(m.group(1)) for i in infos if (m := SHARD_STATS.match(os.path.basename(i.path)))}
 
 
-def _finish(out: _Output, cfg: dict) -> dict:
+def _finish(out: _Output) -> dict:
     """Check every shard is done, merge all rounds by row_id, write failed.parquet, _stats.json and _SUCCESS."""
     import pandas as pd
 

@@ -35,8 +35,8 @@ import random
 import time
 import warnings
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Mapping, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -45,8 +45,9 @@ from PIL import Image, UnidentifiedImageError
 from infgen.data import random_crop_box
 from infgen.images import UnsupportedImage, to_rgb
 from pipelines import shards
-from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, output_root,
-                              output_uri, plain_config, read_json, require, resolve_files, uri, write_json)
+from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
+                              read_json, resolve_files, uri, write_json)
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,21 @@ PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 @dataclass
+class EncodeMlflow(MlflowConfig):
+    """The encode stage's `mlflow` section: `enabled: false` logs nothing (benchmarks, reruns in tests)."""
+
+    experiment: str = "infgen-data"
+    enabled: bool = True
+
+
+@dataclass
 class EncodeConfig:
-    input: str  # .tar shards: a file, a directory, a glob, or a URI (s3://, gs://, ...)
-    output: str  # the stage writes <output>/<fingerprint>/
+    """The encode stage's config; conf/data/encode.yaml documents every key. Checked on construction: a
+    ValueError names the key that is wrong."""
+
+    CONFIG_NAME: ClassVar[str] = "encode"
+    input: Optional[str] = None  # .tar shards: a file, a directory, a glob, or a URI (s3://, gs://, ...)
+    output: Optional[str] = None  # the stage writes <output>/<fingerprint>/
     vae: str = "tiny"  # a hub id, a local diffusers directory, or "tiny"
     vae_subfolder: Optional[str] = None
     seed: int = 0
@@ -80,31 +93,14 @@ class EncodeConfig:
     precision: str = "fp16"  # on GPU: fp16 | bf16 | fp32; on CPU always fp32
     torch_threads: Optional[int] = None  # per actor; default: its CPUs
     decode_threads: Optional[int] = None  # per actor, decoding and cropping beside the VAE; default: its CPUs
-    ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})  # num_cpus: local Ray only
+    ray: RayConfig = field(default_factory=RayConfig)
     grid_samples: int = 4  # crops next to their VAE decode, logged to MLflow (0: none)
-    mlflow: dict = field(default_factory=lambda: {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"})
+    mlflow: EncodeMlflow = field(default_factory=EncodeMlflow)
 
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> "EncodeConfig":
-        if not isinstance(config, Mapping):  # an OmegaConf DictConfig is a Mapping too
-            raise ValueError(f"encode config must be a mapping, got {type(config).__name__}")
-        values = plain_config(config)
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"encode config: unknown keys {sorted(unknown)}")
-        require(values, ("input", "output"), "encode")
-        cfg = cls(**values)
-        cfg.aspect_range = tuple(float(a) for a in cfg.aspect_range)
-        for section, known in (("mlflow", {"enabled": True, "tracking_uri": None, "experiment": "infgen-data"}),
-                               ("ray", {"address": None, "num_cpus": None})):
-            unknown = set(getattr(cfg, section) or {}) - set(known)
-            if unknown:
-                raise ValueError(f"encode config: unknown keys {sorted(f'{section}.{k}' for k in unknown)}")
-            setattr(cfg, section, {**known, **(getattr(cfg, section) or {})})
-        cfg.validate()
-        return cfg
+    def __post_init__(self) -> None:
+        require(vars(self), ("input", "output"), "encode")
+        self.aspect_range = tuple(float(a) for a in self.aspect_range)
 
-    def validate(self) -> None:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"encode config: {key}={getattr(self, key)!r} {why}")
 
@@ -477,7 +473,7 @@ def encode_shards(cfg: EncodeConfig, fs_in: pafs.FileSystem, pending: list[str],
     and output paths) and the per-shard stats that come back."""
     import ray
 
-    init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
+    cfg.ray.init()
     plan = ray.data.from_items([{"input": p, "output": f"{out_dir}/{names[p]}"} for p in pending],
                                override_num_blocks=len(pending))
     results = plan.map_batches(
@@ -507,11 +503,12 @@ def aggregate_stats(fs: pafs.FileSystem, out_dir: str, output_names: list[str]) 
     return stats
 
 
-def run_encode(config: Mapping[str, Any]) -> StageResult:
-    """Encode every input shard not encoded yet; finish with `_stats.json` and `_SUCCESS` (see module doc)."""
-    from pipelines.tracking import Tracker, config_hash
+def run_encode(config: EncodeConfig | Mapping[str, Any]) -> StageResult:
+    """Encode every input shard not encoded yet; finish with `_stats.json` and `_SUCCESS` (see module doc).
+    `config`: an EncodeConfig, or a mapping checked into one (ValueError naming the key)."""
+    from pipelines.tracking import config_hash
 
-    cfg = EncodeConfig.from_mapping(config)
+    cfg = dataclass_from(EncodeConfig, config)
     fs_in, inputs = resolve_files(cfg.input, suffix=".tar")
     names = shard_names(inputs)
     vae_source, latent_shape, scaling_factor = resolve_vae(cfg)
@@ -528,8 +525,7 @@ def run_encode(config: Mapping[str, Any]) -> StageResult:
 
     lineage = {"infgen.stage": "encode", "infgen.input": cfg.input, "infgen.output": where,
                "infgen.fingerprint": os.path.basename(out_dir), "infgen.config_hash": config_hash(asdict(cfg))}
-    tracker = (Tracker(cfg.mlflow["tracking_uri"], cfg.mlflow["experiment"], run_name="encode", tags=lineage,
-                       system_metrics=True) if cfg.mlflow["enabled"] else None)
+    tracker = cfg.mlflow.tracker("encode", tags=lineage, system_metrics=True) if cfg.mlflow.enabled else None
     with tracker or contextlib.nullcontext():
         if tracker:
             tracker.log_params({**asdict(cfg), "num_input_shards": len(inputs), "num_pending_shards": len(pending)})
@@ -599,7 +595,7 @@ def sample_grid(cfg: EncodeConfig, fs: pafs.FileSystem, out_dir: str, output_nam
     if not crops:
         return None
     # the decode runs where the encoder ran (a GPU when there is one), not on the driver
-    init_ray(cfg.ray["address"], cfg.ray["num_cpus"])
+    cfg.ray.init()
     task = ray.remote(_decode_latents).options(num_gpus=cfg.num_gpus, num_cpus=1)
     decoded = ray.get(task.remote(cfg.vae, cfg.vae_subfolder, np.concatenate(latents), cfg.num_gpus))
     cell = min(cfg.input_size, 256)

@@ -36,9 +36,9 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -54,31 +54,59 @@ from infgen.metrics import LPIPSUnavailable, load_lpips
 from infgen.models import WEIGHTS_NAME, InfGen
 
 from pipelines import checkpoint, shards
-from pipelines.common import (Holdout, StageResult, fingerprint, init_ray, is_complete, mark_success, local_files,
-                              output_root, output_uri, plain_config, read_json, remove_dir, renames_are_atomic,
-                              require, resolve_files, uri, write_json)
-from pipelines.tracking import Tracker, config_hash, logged_model_id
+from pipelines.common import (StageResult, fingerprint, is_complete, mark_success, local_files, output_root,
+                              output_uri, read_json, remove_dir, renames_are_atomic, resolve_files, uri, write_json)
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.holdout import Holdout
+from pipelines.tracking import config_hash, logged_model_id
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METRICS = ("fid", "fidp", "sfidp", "kidp", "precisionp", "recallp", "psnr", "ssim", "lpips", "latency_s")
-WORKER_DEFAULTS = {"num_actors": 1, "num_gpus": 0.0, "cpus_per_actor": 1.0, "torch_threads": None,
-                   "precision": "fp32", "chunk_rows": 16, "max_batch_pixels": 2 ** 24, "reference_chunk": 16}
+
+
+@dataclass
+class EvalWorkers:
+    """The `workers` section: the actor pool and how much each unit and batch holds."""
+
+    num_actors: int = 1
+    num_gpus: float = 0.0  # per actor
+    cpus_per_actor: float = 1.0
+    torch_threads: Optional[int] = None  # per actor; null: its CPUs
+    precision: str = "fp32"  # fp32 | bf16 | fp16: InfGen decodes under this autocast on GPUs
+    chunk_rows: int = 16  # samples per work unit (and per decode chunk)
+    max_batch_pixels: int = 2 ** 24
+    reference_chunk: int = 16  # reference images per work unit
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class GridConfig:
+    """The `grid` section: centre crops side by side at each resolution."""
+
+    count: int = 4  # samples
+    crop: int = 256  # pixels per side
 
 
 @dataclass
 class EvalConfig:
+    """An evaluation's config; conf/eval/local.yaml documents every key. Checked on construction: a ValueError
+    names the key that is wrong."""
+
+    CONFIG_NAME: ClassVar[str] = "evaluation"
     model: Optional[str]  # local exported model dir, training checkpoint dir (pipelines.checkpoint), runs:/ or models:/
-    data: str  # encoded parquet shards (a path or URI), or a local directory of latent files (see data_kind)
-    output: str  # results under <output>/<fingerprint>/ (a path or URI)
+    data: Optional[str] = None  # encoded parquet shards (a path or URI), or a local directory of latent files
+    output: Optional[str] = None  # results under <output>/<fingerprint>/ (a path or URI)
     data_kind: str = "encoded"  # encoded (reconstruction) | latents (generation, needs `reference`)
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples at each resolution (encoded rows of the smallest key
     #   hashes whose ground truth reaches it: see `select`) or latent files
-    holdout: dict = field(default_factory=lambda: {"fraction": 0.0, "seed": 0, "urls": None})  # only the images
-    #   training held out with the same section (pipelines.common.Holdout: listed URLs and/or a URL-hash fraction);
-    #   neither: every row
+    holdout: Holdout = field(default_factory=Holdout)  # only the images training held out with the same section
+    #   (pipelines.holdout.Holdout: listed URLs and/or a URL-hash fraction); neither: every row
     name: str = "eval"
     resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
     upsample_truth: bool = True  # False: every number compares with real pixels: with a `limit`, each resolution
@@ -88,8 +116,7 @@ class EvalConfig:
     vae_subfolder: Optional[str] = None
     tile: Optional[int] = 512  # infgen decodes sides above tile_above in tiles of this many pixels
     tile_above: int = 2048
-    patches: dict = field(default_factory=lambda: {"mode": "grid", "size": 256, "shift": 128,
-                                                   "shift_min_factor": 1.5, "k": 4, "seed": 0})
+    patches: PatchProtocol = field(default_factory=PatchProtocol)  # the patch protocol of FIDp and friends
     extractor: str = "inception"  # inception (clean-fid's weights) | random (offline tests only: not FID)
     inception_weights: Optional[str] = None  # inception-2015-12-05.pt or its directory; default: clean-fid's cache
     feature_batch: int = 64
@@ -100,31 +127,13 @@ class EvalConfig:
     lpips: bool = True  # reported only with a pretrained backbone; skipped (and said so) when unavailable
     lpips_net: str = "alex"
     lpips_weights: Optional[str] = None  # a torchvision state dict of the backbone; default: torchvision's cache
-    grid: dict = field(default_factory=lambda: {"count": 4, "crop": 256})
+    grid: GridConfig = field(default_factory=GridConfig)
     reference_cache: Optional[str] = None  # a path or URI; default <output>/reference_stats
-    workers: dict = field(default_factory=lambda: dict(WORKER_DEFAULTS))
-    ray: dict = field(default_factory=lambda: {"address": None, "num_cpus": None})
-    mlflow: dict = field(default_factory=lambda: {"tracking_uri": None, "experiment": "infgen-eval"})
+    workers: EvalWorkers = field(default_factory=EvalWorkers)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-eval"))
 
-    @classmethod
-    def from_mapping(cls, config: Any) -> "EvalConfig":
-        values = plain_config(config)
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown evaluation config keys: {unknown}")
-        cfg = cls(**values)
-        unknown = sorted(set(cfg.workers) - set(WORKER_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown workers keys: {unknown}; known: {sorted(WORKER_DEFAULTS)}")
-        cfg.workers = {**WORKER_DEFAULTS, **cfg.workers}
-        cfg.validate()
-        return cfg
-
-    @property
-    def protocol(self) -> PatchProtocol:
-        return PatchProtocol(**self.patches)
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         require(vars(self), ("data", "output"), "evaluation")
         if self.data_kind not in ("encoded", "latents"):
             raise ValueError(f"data_kind must be 'encoded' or 'latents', got {self.data_kind!r}")
@@ -140,12 +149,8 @@ class EvalConfig:
             raise ValueError(f"resolutions must be multiples of 8, at least 64 (long side in pixels), got {bad}")
         if self.extractor not in ("inception", "random"):
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
-        if self.workers["precision"] not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.workers['precision']!r}")
-        Holdout.check(self.holdout)  # unknown keys, a bad fraction (the driver reads the URL list, in plan)
         if self.tile is not None and self.tile % 8:
             raise ValueError(f"tile must be a multiple of 8, got {self.tile}")
-        self.protocol  # raises on bad patch settings
 
 
 # ---- the worker ---------------------------------------------------------------------------------------------
@@ -192,18 +197,18 @@ def extractor_id(cfg: EvalConfig) -> str:
 class EvalWorker:
     """One actor: a model, a VAE, an extractor, LPIPS, and an EvalAccumulator filled unit by unit."""
 
-    def __init__(self, cfg: dict, reference_features: bool, lpips_ok: bool, grid_keys: list[str],
+    def __init__(self, cfg: EvalConfig, reference_features: bool, lpips_ok: bool, grid_keys: list[str],
                  aspect: Optional[float]) -> None:
-        self.cfg = EvalConfig.from_mapping(cfg)
-        workers = self.cfg.workers
-        torch.set_num_threads(int(workers["torch_threads"] or max(1, math.ceil(workers["cpus_per_actor"]))))
-        self.device = torch.device("cuda" if workers["num_gpus"] > 0 and torch.cuda.is_available() else "cpu")
-        autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[workers["precision"]]
+        self.cfg = cfg
+        workers = cfg.workers
+        torch.set_num_threads(int(workers.torch_threads or max(1, math.ceil(workers.cpus_per_actor))))
+        self.device = torch.device("cuda" if workers.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[workers.precision]
         from infgen.vae import load_vae
 
         model = None
         if any(d.startswith("infgen") for d in self.cfg.decoders):
-            model = load_model(self.cfg.model, self.cfg.mlflow.get("tracking_uri")).eval().to(self.device)
+            model = load_model(self.cfg.model, self.cfg.mlflow.tracking_uri).eval().to(self.device)
         vae = load_vae(self.cfg.vae, self.cfg.vae_subfolder, device=self.device)
         self.decoders = Decoders(self.cfg.decoders, model, vae, self.cfg.tile, self.cfg.tile_above,
                                  autocast if self.device.type == "cuda" else None)
@@ -211,9 +216,9 @@ class EvalWorker:
         lpips = None
         if lpips_ok:
             lpips = load_lpips(self.cfg.lpips_net, self.cfg.lpips_weights).to(self.device)
-        self.acc = EvalAccumulator(build_extractor(self.cfg, self.device), self.cfg.protocol, self.cfg.resolutions,
+        self.acc = EvalAccumulator(build_extractor(self.cfg, self.device), self.cfg.patches, self.cfg.resolutions,
                                    self.cfg.pr_samples, lpips, self.cfg.feature_batch,
-                                   workers["max_batch_pixels"], grid_keys, self.cfg.grid["crop"], reference_features,
+                                   workers.max_batch_pixels, grid_keys, self.cfg.grid.crop, reference_features,
                                    self.cfg.upsample_truth)
         self.aspect = aspect
 
@@ -308,8 +313,8 @@ def key_hash(key: str) -> str:
 
 
 def plan(cfg: EvalConfig) -> Plan:
-    chunk_rows = cfg.workers["chunk_rows"]
-    holdout = Holdout.from_config(cfg.holdout)  # reads the URL list once
+    chunk_rows = cfg.workers.chunk_rows
+    holdout = cfg.holdout.read()  # reads the URL list once
     if cfg.data_kind == "encoded":
         return plan_encoded(cfg, chunk_rows, holdout)
     fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES)
@@ -327,9 +332,9 @@ def plan(cfg: EvalConfig) -> Plan:
     root = cfg.data if os.path.isdir(cfg.data) else os.path.dirname(paths[0])
     units = [{"kind": "latents", "path": p, "key": os.path.relpath(p, root), "chunk_rows": chunk_rows}
              for p in paths]
-    step = cfg.workers["reference_chunk"]
+    step = cfg.workers.reference_chunk
     reference_units = [{"kind": "reference", "paths": ref_paths[i:i + step]} for i in range(0, len(ref_paths), step)]
-    grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid["count"]]]
+    grid_keys = [u["key"] if len(first) == 1 else f"{u['key']}[0]" for u in units[:cfg.grid.count]]
     return Plan(units, paths, fs, len(paths), grid_keys, first.shape[3] / first.shape[2], reference_units, ref_paths,
                 holdout.describe())
 
@@ -360,7 +365,7 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int, holdout: Holdout) -> Plan:
         units += [{"kind": "encoded", "uri": uri(fs, path), "path": path, "row_group": g, "chunk_rows": chunk_rows,
                    "keys": chosen[i:i + chunk_rows], "resolutions": {k: selected[k] for k in chosen[i:i + chunk_rows]}}
                   for i in range(0, len(chosen), chunk_rows)]
-    grid_keys = [k for _, k, _ in ordered if k in selected][:cfg.grid["count"]]
+    grid_keys = [k for _, k, _ in ordered if k in selected][:cfg.grid.count]
     return Plan(units, paths, fs, len(selected), grid_keys, holdout=holdout.describe())
 
 
@@ -397,7 +402,7 @@ def reference_cache_root(cfg: EvalConfig) -> tuple[pafs.FileSystem, str]:
 def reference_cache_path(cfg: EvalConfig, root: str, res: int, data_fp: str) -> str:
     """The cache entry (a directory under `root`) of the reference statistics at `res`: a hash of what they
     depend on, nothing else."""
-    key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.protocol.to_dict(),
+    key = {"data": data_fp, "kind": cfg.data_kind, "res": res, "protocol": cfg.patches.to_dict(),
            "extractor": cfg.extractor, "weights": cfg.inception_weights, "pr_samples": cfg.pr_samples,
            "upsample_truth": cfg.upsample_truth}
     return f"{root.rstrip('/')}/ref_{res}_{config_hash(key)}"
@@ -459,15 +464,16 @@ def _read_buffer(fs: pafs.FileSystem, path: str) -> io.BytesIO:
 # ---- the driver ---------------------------------------------------------------------------------------------
 
 
-def run_evaluate(config: Any) -> StageResult:
-    """Evaluate as configured (conf/eval/*.yaml); a complete output with the same fingerprint is reused."""
+def run_evaluate(config: EvalConfig | Mapping[str, Any]) -> StageResult:
+    """Evaluate as configured (conf/eval/*.yaml); a complete output with the same fingerprint is reused.
+    `config`: an EvalConfig, or a mapping checked into one (ValueError naming the key)."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    cfg = EvalConfig.from_mapping(config)
+    cfg = dataclass_from(EvalConfig, config)
     start = time.time()
-    init_ray(cfg.ray.get("address"), cfg.ray.get("num_cpus"))
+    cfg.ray.init()
     p = plan(cfg)
     data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "selection": "per-resolution", "kind": cfg.data_kind,
                                                 "reference": p.reference_files,
@@ -493,14 +499,13 @@ def run_evaluate(config: Any) -> StageResult:
 
     lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": where,
                "infgen.model": str(cfg.model), "infgen.config_hash": config_hash(params)}
-    with Tracker(cfg.mlflow.get("tracking_uri"), cfg.mlflow.get("experiment", "infgen-eval"), cfg.name,
-                 tags=lineage, system_metrics=True) as tracker:
-        tracker.log_params({**params, **cfg.protocol.to_dict(), "extractor_id": extractor_id(cfg),
-                            "lpips_status": lpips_note, "samples": p.samples, "workers": cfg.workers})
+    with cfg.mlflow.tracker(cfg.name, tags=lineage, system_metrics=True) as tracker:
+        tracker.log_params({**params, **cfg.patches.to_dict(), "extractor_id": extractor_id(cfg),
+                            "lpips_status": lpips_note, "samples": p.samples, "workers": asdict(cfg.workers)})
         workers = cfg.workers
-        actor_cls = ray.remote(EvalWorker).options(num_cpus=workers["cpus_per_actor"], num_gpus=workers["num_gpus"])
-        actors = [actor_cls.remote(asdict(cfg), not cached, lpips_note == "pretrained", p.grid_keys, p.aspect)
-                  for _ in range(workers["num_actors"])]
+        actor_cls = ray.remote(EvalWorker).options(num_cpus=workers.cpus_per_actor, num_gpus=workers.num_gpus)
+        actors = [actor_cls.remote(cfg, not cached, lpips_note == "pretrained", p.grid_keys, p.aspect)
+                  for _ in range(workers.num_actors)]
         units = p.units + ([] if cached else p.reference_units)
         pool = ActorPool(actors)
         for _ in tqdm(pool.map_unordered(lambda actor, unit: actor.process.remote(unit), units), total=len(units),
@@ -617,7 +622,7 @@ def distances(cfg: EvalConfig, fake: dict, real: dict, fake_sample: Optional[Fea
     if enough:
         out["precisionp"], out["recallp"] = precision_recall(real_sample.features, fake_sample.features, k=cfg.pr_k)
         out["kidp"] = kernel_inception_distance(real_sample.features, fake_sample.features, cfg.kid_subsets,
-                                                cfg.kid_subset_size, seed=cfg.protocol.seed)
+                                                cfg.kid_subset_size, seed=cfg.patches.seed)
     else:
         out["precisionp"] = out["recallp"] = out["kidp"] = None
     return out
@@ -639,7 +644,7 @@ def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list
     fs.create_dir(out_dir, recursive=True)
     names = ["results.json", "results.csv", "per_image.csv", "metrics_vs_resolution.png"]
     results = {
-        "rows": rows, "protocol": cfg.protocol.to_dict(), "extractor": extractor_id(cfg), "lpips": lpips_note,
+        "rows": rows, "protocol": cfg.patches.to_dict(), "extractor": extractor_id(cfg), "lpips": lpips_note,
         "resolutions": cfg.resolutions, "decoders": cfg.decoders, "model": cfg.model, "data": cfg.data,
         "data_kind": cfg.data_kind, "samples": p.samples, "reference_files": len(p.reference_files),
         "broken_reference_images": int(summary["counts"].get((REFERENCE, 0), {}).get("broken", 0)),

@@ -37,7 +37,8 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -45,9 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.common import (STATS, StageResult, fingerprint, init_ray, is_complete, mark_success, plain_config,
-                              output_root, output_uri, read_json, remove_dir, renames_are_atomic, require,
-                              resolve_files, write_json)
+from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
+                              read_json, remove_dir, renames_are_atomic, resolve_files, write_json)
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
 
 
 FORMAT_VERSION = 2  # 2: URLs normalised (normalize_urls) before dedup. Bump when the output changes for the same inputs and parameters (new fingerprint)
@@ -58,12 +59,9 @@ ROW_REASONS = ("bad_size", "too_small", "short_side", "aspect_ratio", "low_aesth
 REASONS = ROW_REASONS + ("duplicate_url", "over_max_rows")
 _CODE = {name: i + 1 for i, name in enumerate(REASONS)}  # 0 = a kept row; stats rows carry the others
 
-# The filter parameters (all part of the fingerprint) and their defaults; conf/data/filter.yaml documents them.
-DEFAULTS: dict[str, Any] = {
-    "min_pixels": 2_000_000, "min_short_side": None, "max_aspect_ratio": None, "min_aesthetic": None,
-    "max_punsafe": None, "max_pwatermark": None, "allow_private_hosts": False, "max_rows": None, "seed": 0,
-}
-OTHER_KEYS = {"input", "output", "overwrite", "partitions", "ray", "mlflow"}
+# The filter parameters of FilterConfig: they (and the input files) make the output's fingerprint.
+PARAMS = ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "max_punsafe", "max_pwatermark",
+          "allow_private_hosts", "max_rows", "seed")
 # dedup hash partitions when `partitions` is null: at least this many input rows per partition, and
 # PARTITIONS_PER_CPU per CPU of the cluster so every core has work (8: measured fastest on 2 CPUs, 10M rows)
 ROWS_PER_PARTITION = 20_000_000
@@ -96,39 +94,48 @@ _LOCALHOST_RE = r"^[^/]*//[^/?#]*\.(?i:localhost)\.?(?::[0-9]*)?(?:[/?#]|$)"
 
 # ---- configuration and inputs -----------------------------------------------------------------------------
 
-def _config_dict(config: Any) -> dict:
-    config = plain_config(config)
-    unknown = set(config) - set(DEFAULTS) - OTHER_KEYS
-    if unknown:
-        raise ValueError(f"filter config: unknown keys {sorted(unknown)} (known: {sorted(set(DEFAULTS) | OTHER_KEYS)})")
-    require(config, ("input", "output"), "filter")
-    return config
+@dataclass
+class FilterConfig:
+    """The filter stage's config; conf/data/filter.yaml documents every key. Checked on construction: a
+    ValueError names the key that is wrong."""
 
+    CONFIG_NAME: ClassVar[str] = "filter"
+    input: Optional[str] = None  # parquet: a file, a directory of parts, a glob or a URI
+    output: Optional[str] = None  # the result lands in <output>/<fingerprint>/
+    overwrite: bool = False
+    min_pixels: Optional[float] = 2_000_000  # null: 0
+    min_short_side: Optional[float] = None  # each threshold: null turns it off
+    max_aspect_ratio: Optional[float] = None
+    min_aesthetic: Optional[float] = None
+    max_punsafe: Optional[float] = None
+    max_pwatermark: Optional[float] = None
+    allow_private_hosts: bool = False
+    max_rows: Optional[int] = None
+    seed: int = 0
+    partitions: Optional[int] = None  # dedup hash partitions; null: partition_count decides
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-data"))
 
-def check_config(config: Any) -> dict[str, Any]:
-    """Every problem of a filter config as a ValueError naming the key (what `--dry-run` runs); → the
-    parameters that shape the output."""
-    config = _config_dict(config)
-    partitions = config.get("partitions")
-    if partitions is not None and (not isinstance(partitions, int) or partitions < 1):
-        raise ValueError(f"filter config: partitions={partitions!r} must be a positive integer or null")
-    return filter_params(config)
+    def __post_init__(self) -> None:
+        require(vars(self), ("input", "output"), "filter")
+        if self.partitions is not None and (not isinstance(self.partitions, int) or self.partitions < 1):
+            raise ValueError(f"filter config: partitions={self.partitions!r} must be a positive integer or null")
+        for key in ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "max_punsafe",
+                    "max_pwatermark"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (int, float)):
+                raise ValueError(f"filter config: {key}={value!r} is not a number (or null to turn it off)")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 0):
+            raise ValueError(f"filter config: max_rows={self.max_rows!r} must be a non-negative integer or null")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError(f"filter config: max_aspect_ratio={self.max_aspect_ratio!r} must be >= 1")
+        self.min_pixels = self.min_pixels or 0
+        self.seed = int(self.seed or 0)
+        self.allow_private_hosts = bool(self.allow_private_hosts)
 
-
-def filter_params(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters that shape the output (the fingerprint's), defaults filled in and checked."""
-    p = {k: config.get(k, v) for k, v in DEFAULTS.items()}
-    for key in ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "max_punsafe", "max_pwatermark"):
-        if p[key] is not None and not isinstance(p[key], (int, float)):
-            raise ValueError(f"filter config: {key}={p[key]!r} is not a number (or null to turn it off)")
-    if p["max_rows"] is not None and (not isinstance(p["max_rows"], int) or p["max_rows"] < 0):
-        raise ValueError(f"filter config: max_rows={p['max_rows']!r} must be a non-negative integer or null")
-    if p["max_aspect_ratio"] is not None and p["max_aspect_ratio"] < 1:
-        raise ValueError(f"filter config: max_aspect_ratio={p['max_aspect_ratio']!r} must be >= 1")
-    p["min_pixels"] = p["min_pixels"] or 0
-    p["seed"] = int(p["seed"] or 0)
-    p["allow_private_hosts"] = bool(p["allow_private_hosts"])
-    return p
+    def params(self) -> dict[str, Any]:
+        """The parameters that shape the output (the fingerprint's, and what the row checks read)."""
+        return {key: getattr(self, key) for key in PARAMS}
 
 
 def column_mapping(path: str, schema: pa.Schema, params: Mapping[str, Any]) -> tuple[tuple[str, Optional[str]], ...]:
@@ -320,21 +327,21 @@ def filter_batch(batch: pa.Table, mapping: tuple, params: Mapping[str, Any], par
     rows = batch.take(idx)
     n = len(idx)
     cols = {}
-    for name, field in zip(OUTPUT_SCHEMA.names, OUTPUT_SCHEMA):
+    for name, column in zip(OUTPUT_SCHEMA.names, OUTPUT_SCHEMA):
         if src[name] is None:
-            cols[name] = pa.nulls(n, field.type)
+            cols[name] = pa.nulls(n, column.type)
         elif name in ("width", "height"):  # checked finite and in [1, 2^31): truncating is safe
             cols[name] = pa.array(pc.cast(rows[src[name]], pa.float64()).to_numpy().astype(np.int32))
         else:
-            cols[name] = pc.cast(rows[src[name]], field.type)
+            cols[name] = pc.cast(rows[src[name]], column.type)
     out = pa.table(cols, schema=OUTPUT_SCHEMA)
     urls = out["url"].to_numpy()
     h1 = _hash_strings(urls, _SIP_KEYS[0])
     keys = {"_reason": np.zeros(n, np.uint8), "_count": pa.nulls(n, pa.int64()), "_h1": h1,
             "_h2": _hash_strings(urls, _SIP_KEYS[1]), "_rowkey": _content_hash(out),
             "_part": partition_of(h1, partitions)}
-    for name, field in zip(INTERNAL.names, INTERNAL):
-        out = out.append_column(field, pa.chunked_array([pa.array(keys[name], field.type)]))
+    for name, column in zip(INTERNAL.names, INTERNAL):
+        out = out.append_column(column, pa.chunked_array([pa.array(keys[name], column.type)]))
 
     counts = np.bincount(reason, minlength=len(ROW_REASONS) + 1)
     codes = np.flatnonzero(counts[1:]) + 1
@@ -343,7 +350,7 @@ def filter_batch(batch: pa.Table, mapping: tuple, params: Mapping[str, Any], par
 
 def _stats_rows(codes: np.ndarray, counts: np.ndarray, schema: pa.Schema) -> pa.Table:
     """One stats row per reason code: `_reason`, `_count`, `_part` = -1, every other column null."""
-    cols = {name: pa.nulls(len(codes), field.type) for name, field in zip(schema.names, schema)}
+    cols = {name: pa.nulls(len(codes), column.type) for name, column in zip(schema.names, schema)}
     cols["_reason"] = pa.array(codes, pa.uint8())
     cols["_count"] = pa.array(counts, pa.int64())
     cols["_part"] = pa.array(np.full(len(codes), _STATS_PART), pa.int32())
@@ -482,14 +489,13 @@ def histogram_figure(sample: pa.Table):
     return fig
 
 
-def _track(config: dict, stats: dict, output: str, fs: pafs.FileSystem, files: list[str]) -> Optional[str]:
-    from pipelines.tracking import Tracker, config_hash
+def _track(cfg: FilterConfig, stats: dict, output: str, fs: pafs.FileSystem, files: list[str]) -> Optional[str]:
+    from pipelines.tracking import config_hash
 
-    mlflow_cfg = config.get("mlflow") or {}
-    lineage = {"infgen.stage": "filter", "infgen.input": str(config["input"]), "infgen.output": output,
+    config = asdict(cfg)
+    lineage = {"infgen.stage": "filter", "infgen.input": cfg.input, "infgen.output": output,
                "infgen.config_hash": config_hash(config), "infgen.fingerprint": stats["fingerprint"]}
-    with Tracker(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("experiment") or "infgen-data", run_name="filter",
-                 tags=lineage) as tracker:
+    with cfg.mlflow.tracker("filter", tags=lineage) as tracker:
         tracker.log_params(config)
         tracker.log_metrics({"rows_in": stats["rows_in"], "rows_out": stats["rows_out"],
                              **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
@@ -507,13 +513,13 @@ def _track(config: dict, stats: dict, output: str, fs: pafs.FileSystem, files: l
         return tracker.run_id
 
 
-def partition_count(config: Mapping[str, Any], rows_in: int) -> int:
+def partition_count(cfg: FilterConfig, rows_in: int) -> int:
     """Dedup hash partitions: `partitions` if set, else enough that each CPU has several and none holds more
     than ROWS_PER_PARTITION input rows (a partition's survivors meet in one worker's memory)."""
     import ray
 
-    if config.get("partitions") is not None:  # checked by check_config
-        return config["partitions"]
+    if cfg.partitions is not None:
+        return cfg.partitions
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(PARTITIONS_PER_CPU * cpus, -(-rows_in // ROWS_PER_PARTITION))
 
@@ -584,25 +590,25 @@ def _write(deduped, cap: Optional[np.ndarray], seed: int, fs: pafs.FileSystem, t
     return files, sum(pq.read_metadata(p, filesystem=fs).num_rows for p in files)
 
 
-def run_filter(config: Any) -> StageResult:
-    """Filter LAION parquet (`config["input"]`: file, directory, glob or URI) into `<output>/<fingerprint>`."""
+def run_filter(config: FilterConfig | Mapping[str, Any]) -> StageResult:
+    """Filter LAION parquet (`input`: file, directory, glob or URI) into `<output>/<fingerprint>`. `config`: a
+    FilterConfig, or a mapping checked into one (ValueError naming the key)."""
     t0 = time.perf_counter()
-    params = check_config(config)
-    config = _config_dict(config)
-    fs, paths = resolve_files(str(config["input"]))
+    cfg = dataclass_from(FilterConfig, config)
+    params = cfg.params()
+    fs, paths = resolve_files(cfg.input)
     groups, rows_total = inspect_inputs(fs, paths, params)
     fp = fingerprint(fs, paths, {"stage": "filter", "format": FORMAT_VERSION, **params})
-    out_fs, root = output_root(str(config["output"]))
+    out_fs, root = output_root(cfg.output)
     final = f"{root.rstrip('/')}/{fp}"  # a path on out_fs
-    where = output_uri(str(config["output"]), fp)  # for people and the next stage: with its scheme
-    if is_complete(out_fs, final) and not config.get("overwrite"):
+    where = output_uri(cfg.output, fp)  # for people and the next stage: with its scheme
+    if is_complete(out_fs, final) and not cfg.overwrite:
         print(f"filter: {where} is complete for these inputs and parameters; nothing to do (overwrite=true redoes it)")
         return StageResult(output=where, stats=read_json(out_fs, f"{final}/{STATS}"), skipped=True)
 
     t_inspect = time.perf_counter()
-    ray_cfg = config.get("ray") or {}
-    init_ray(ray_cfg.get("address"), ray_cfg.get("num_cpus"))
-    partitions = partition_count(config, rows_total)
+    cfg.ray.init()
+    partitions = partition_count(cfg, rows_total)
     t_start = time.perf_counter()
     deduped = _dedup(groups, fs, params, partitions)  # the only read of the input
     t_read = time.perf_counter()
@@ -625,9 +631,9 @@ def run_filter(config: Any) -> StageResult:
             raise RuntimeError(f"filter: wrote {written} rows but the counts say {rows_out} ({dropped})")
         stats = {"stage": "filter", "rows_in": rows_in, "rows_out": rows_out,
                  "dropped": {name: dropped.get(name, 0) for name in REASONS}, "reason_order": list(REASONS),
-                 "input": str(config["input"]), "input_files": paths, "fingerprint": fp, "output": where,
+                 "input": cfg.input, "input_files": paths, "fingerprint": fp, "output": where,
                  "partitions": partitions,
-                 "params": params, "config": config, "schema": OUTPUT_SCHEMA.names,
+                 "params": params, "config": asdict(cfg), "schema": OUTPUT_SCHEMA.names,
                  "seconds": {"inspect": round(t_inspect - t0, 3), "ray_init": round(t_start - t_inspect, 3),
                              "read_filter_dedup": round(t_read - t_start, 3),
                              "decide": round(t_decide - t_read, 3), "write": round(time.perf_counter() - t_decide, 3)}}
@@ -639,6 +645,6 @@ def run_filter(config: Any) -> StageResult:
         remove_dir(out_fs, tmp)
         raise
     del deduped
-    run_id = _track(config, stats, where, out_fs, [f"{final}/{os.path.basename(p)}" for p in files])
+    run_id = _track(cfg, stats, where, out_fs, [f"{final}/{os.path.basename(p)}" for p in files])
     print(f"filter: {rows_in} rows in, {rows_out} kept → {where}")
     return StageResult(output=where, stats=stats, skipped=False, run_id=run_id)

@@ -10,16 +10,58 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from omegaconf import OmegaConf
 
-from pipelines.common import init_ray, local_files, output_root, plain_config
-from pipelines.tracking import PARENT_RUN_ENV, Tracker, config_hash
+from pipelines.common import local_files, output_root
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.tracking import PARENT_RUN_ENV, config_hash
 
 STAGES = ("filter", "download", "encode", "train", "evaluate")
+ROOT = Path(__file__).resolve().parents[1]  # stage YAMLs are named relative to the repository
+
+
+@dataclass
+class StageSpec:
+    """One stage of `stages`: its YAML (relative to the repository) and overrides on top of it."""
+
+    config: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stages:
+    """The `stages` section: the stages to run (a stage left out is not run), in pipeline order."""
+
+    filter: Optional[StageSpec] = None
+    download: Optional[StageSpec] = None
+    encode: Optional[StageSpec] = None
+    train: Optional[StageSpec] = None
+    evaluate: Optional[StageSpec] = None
+
+    def listed(self) -> dict[str, StageSpec]:
+        return {stage: getattr(self, stage) for stage in STAGES if getattr(self, stage) is not None}
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline's own keys. Checked on construction, each listed stage's config too, as run_pipeline builds
+    it (its YAML + overrides, chained paths stood in for: `check_stages`); a ValueError names the problem."""
+
+    CONFIG_NAME: ClassVar[str] = "pipeline"
+    name: str = "pipeline"
+    output: Optional[str] = None  # every stage writes under <output>/<stage>
+    input: Optional[str] = None  # LAION metadata parquet (file, directory, glob or URI)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-pipeline"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    stages: Stages = field(default_factory=Stages)
+
+    def __post_init__(self) -> None:
+        require(vars(self), ("output",), self.CONFIG_NAME)
+        check_stages(self)
 
 
 @dataclass
@@ -29,15 +71,32 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def stage_config(spec: Any, root: Path, **wiring: Any) -> Any:
-    """A stage's YAML (`spec.config`, relative to the repository) with `spec.overrides`, then the pipeline's
-    wiring (inputs, outputs, tracking, Ray) on top."""
-    path = Path(spec["config"])
-    path = path if path.is_absolute() else root / path
+def stage_runners() -> dict[str, tuple[type, Callable[[Any], Any]]]:
+    """Stage → (its config dataclass, its run function)."""
+    from pipelines.download import DownloadConfig, run_download
+    from pipelines.encode import EncodeConfig, run_encode
+    from pipelines.evaluate import EvalConfig, run_evaluate
+    from pipelines.filter import FilterConfig, run_filter
+    from pipelines.train import TrainConfig, run_train
+
+    return {"filter": (FilterConfig, run_filter), "download": (DownloadConfig, run_download),
+            "encode": (EncodeConfig, run_encode), "train": (TrainConfig, run_train),
+            "evaluate": (EvalConfig, run_evaluate)}
+
+
+def stage_config(cfg: PipelineConfig, stage: str, wiring: Mapping[str, Any]) -> Any:
+    """The stage's checked config: its YAML with its overrides, then the pipeline's wiring (inputs, outputs,
+    tracking, Ray) on top. Raises ValueError naming the stage and the problem."""
+    spec = cfg.stages.listed()[stage]
+    path = Path(spec.config)
+    path = path if path.is_absolute() else ROOT / path
     if not path.is_file():
-        raise ValueError(f"stage config {path}: no such file")
-    config = OmegaConf.merge(OmegaConf.load(path), spec.get("overrides") or {}, wiring)
-    return config
+        raise ValueError(f"stages.{stage}: config {path}: no such file")
+    wiring = {**wiring, "mlflow": asdict(cfg.mlflow), "ray": asdict(cfg.ray)}
+    try:
+        return dataclass_from(stage_runners()[stage][0], OmegaConf.merge(OmegaConf.load(path), spec.overrides, wiring))
+    except ValueError as e:
+        raise ValueError(f"stages.{stage}: {e}") from None
 
 
 # the paths the pipeline wires from one stage into the next (see run_pipeline)
@@ -45,87 +104,53 @@ WIRED = {"filter": ("input", "output"), "download": ("input", "output"), "encode
          "train": ("data", "output"), "evaluate": ("data", "model", "output")}
 
 
-def check_config(config: Any) -> None:
-    """Each listed stage's config as run_pipeline builds it (its YAML + overrides, chained paths wired in),
-    checked by that stage's own check (what `--dry-run` runs); ValueError naming the stage and the problem."""
-    from pipelines.download import check_config as check_download
-    from pipelines.encode import EncodeConfig
-    from pipelines.evaluate import EvalConfig
-    from pipelines.filter import check_config as check_filter
-    from pipelines.train import check_config as check_train
-
-    checks = {"filter": check_filter, "download": check_download, "encode": EncodeConfig.from_mapping,
-              "train": lambda c: check_train(plain_config(c)), "evaluate": EvalConfig.from_mapping}
-    cfg = OmegaConf.create(plain_config(config))
-    unknown = sorted(set(cfg.stages) - set(STAGES))
-    if unknown:
-        raise ValueError(f"unknown pipeline stages {unknown}; known: {list(STAGES)}")
-    root = Path(__file__).resolve().parents[1]
-    for stage in STAGES:
-        if stage in cfg.stages:
-            wiring = {key: f"{cfg.output}/{stage}/{key}" for key in WIRED[stage]}  # stand-ins for the chained paths
-            try:
-                checks[stage](stage_config(cfg.stages[stage], root, **wiring, mlflow=cfg.mlflow, ray=cfg.ray))
-            except ValueError as e:
-                raise ValueError(f"stages.{stage}: {e}") from None
+def check_stages(cfg: PipelineConfig) -> None:
+    """Each listed stage's config as run_pipeline builds it, chained paths stood in for; ValueError naming the
+    stage and the problem."""
+    for stage in cfg.stages.listed():
+        stage_config(cfg, stage, {key: f"{cfg.output}/{stage}/{key}" for key in WIRED[stage]})
 
 
-def run_pipeline(config: Any, input_uri: Optional[str] = None) -> PipelineResult:
-    """Run the stages listed in `config.stages` (in pipeline order) on `input_uri` (LAION metadata parquet)."""
-    from pipelines.download import run_download
-    from pipelines.encode import run_encode
-    from pipelines.evaluate import run_evaluate
-    from pipelines.filter import run_filter
-    from pipelines.train import run_train
-
-    cfg = OmegaConf.create(plain_config(config))
-    unknown = sorted(set(cfg.stages) - set(STAGES))
-    if unknown:
-        raise ValueError(f"unknown pipeline stages {unknown}; known: {list(STAGES)}")
-    root = Path(__file__).resolve().parents[1]
+def run_pipeline(config: PipelineConfig | Mapping[str, Any], input_uri: Optional[str] = None) -> PipelineResult:
+    """Run the stages listed in `config.stages` (in pipeline order) on `input_uri` (LAION metadata parquet;
+    default: `config.input`)."""
+    cfg = dataclass_from(PipelineConfig, config)
+    runners = stage_runners()
     output = Path(cfg.output).resolve() if "://" not in cfg.output else cfg.output
     input_uri = input_uri or cfg.input
-    # the stages log to the pipeline's experiment: MLflow shows nested runs within one experiment
-    mlflow = {"tracking_uri": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment}
-    ray = {"address": cfg.ray.address, "num_cpus": cfg.ray.num_cpus}
-    init_ray(ray["address"], ray["num_cpus"])
+    cfg.ray.init()
 
     result = PipelineResult()
     lineage = {"infgen.stage": "pipeline", "infgen.input": str(input_uri), "infgen.output": str(output),
-               "infgen.config_hash": config_hash(plain_config(cfg))}
-    with Tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.get("name", "pipeline"), tags=lineage) as parent:
-        parent.log_params({"stages": list(cfg.stages), "output": str(output), "input": str(input_uri)})
+               "infgen.config_hash": config_hash(asdict(cfg))}
+    with cfg.mlflow.tracker(cfg.name, tags=lineage) as parent:
+        parent.log_params({"stages": list(cfg.stages.listed()), "output": str(output), "input": str(input_uri)})
         result.run_ids["pipeline"] = parent.run_id
         if parent.run_id:  # every stage's Tracker (driver or Ray worker) nests under this run
             os.environ[PARENT_RUN_ENV] = parent.run_id
         try:
+            def run(stage: str, **chained: Any) -> Any:
+                wiring = {**chained, "output": f"{output}/{stage}"}
+                return runners[stage][1](stage_config(cfg, stage, wiring))
+
             current, encoded, model = input_uri, None, None
-            for stage in STAGES:
-                if stage not in cfg.stages:
-                    continue
-                spec = cfg.stages[stage]
+            for stage in cfg.stages.listed():
                 print(f"\n===== {stage} =====", flush=True)
                 start = time.time()
                 if stage == "filter":
-                    out = run_filter(stage_config(spec, root, input=str(current), output=f"{output}/filter",
-                                                  mlflow=mlflow, ray=ray))
+                    out = run(stage, input=str(current))
                     current = out.output
                 elif stage == "download":
-                    out = run_download(stage_config(spec, root, input=str(current), output=f"{output}/download",
-                                                    mlflow=mlflow, ray=ray))
+                    out = run(stage, input=str(current))
                     current = f"{out.output}/shards"
                 elif stage == "encode":
-                    out = run_encode(stage_config(spec, root, input=str(current), output=f"{output}/encode",
-                                                  mlflow=mlflow, ray=ray))
+                    out = run(stage, input=str(current))
                     current = encoded = out.output
                 elif stage == "train":
-                    out = run_train(stage_config(spec, root, data=str(current), output=f"{output}/train",
-                                                 mlflow=mlflow, ray=ray))
+                    out = run(stage, data=str(current))
                     model = out.model_dir
-                elif stage == "evaluate":
-                    chained = {k: str(v) for k, v in (("data", encoded), ("model", model)) if v is not None}
-                    out = run_evaluate(stage_config(spec, root, **chained, output=f"{output}/evaluate",
-                                                    mlflow=mlflow, ray=ray))
+                else:
+                    out = run(stage, **{k: str(v) for k, v in (("data", encoded), ("model", model)) if v is not None})
                 result.stages[stage], result.run_ids[stage] = out, out.run_id
                 result.seconds[stage] = time.time() - start
                 parent.log_metrics({f"{stage}_seconds": result.seconds[stage]})

@@ -181,7 +181,7 @@ def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
     * the broken files of DEMO_BROKEN (download and encode count them);
     * rows the filter must drop, one reason each: too small, low aesthetic score, NSFW, watermark, a duplicate URL.
     With `holdout_urls`, the URLs of the photos whose split is 'holdout' are written there, one per line: the
-    fixed split by file that training and evaluation read (pipelines.common.Holdout).
+    fixed split by file that training and evaluation read (pipelines.holdout.Holdout).
     Files are linked, not copied (the wallpapers are ~100 MB): the server sends their bytes as they are, PNGs
     included, and img2dataset re-encodes what it must, as it would on LAION. Raises ValueError when two photos
     share a file name (their URLs would clash).

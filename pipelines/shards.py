@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from infgen.images import to_rgb
-from pipelines.common import Holdout, publish, staging_path
+from pipelines.common import publish, staging_path
+from pipelines.holdout import Holdout
 
 if TYPE_CHECKING:
     import ray.data

@@ -17,9 +17,9 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,19 +27,98 @@ import torch
 from infgen.data import random_target_size, target_window
 from infgen.images import resize
 from infgen.losses import InfGenLoss, LossConfig
-from infgen.models import WEIGHTS_NAME, InfGen
+from infgen.models import INFGEN_PRESETS, WEIGHTS_NAME, InfGen, InfGenConfig
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae
 
 from pipelines import checkpoint, shards
-from pipelines.common import (HOLDOUT_KEYS, Holdout, dataclass_from, init_ray, plain_config, require, resolve_files,
-                              verbose)
+from pipelines.common import resolve_files, verbose
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
+from pipelines.holdout import Holdout
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"  # in the run directory: what its checkpoints were trained with (check_resume)
 EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
+
+
+# ---- the config ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainLoopConfig:
+    """The `train` section: steps, batches, target sizes, workers, and how often to log, sample and checkpoint."""
+
+    steps: int = 60
+    batch_size: int = 4  # global: split over the workers
+    sizes: list = field(default_factory=lambda: [128, 256])  # long side of each step's target, drawn per step
+    multiple: int = 16
+    aspect_range: list = field(default_factory=lambda: [0.75, 1.333])
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 1
+    decode_threads: Optional[int] = None  # per worker, decoding the next steps' targets; null: cpus_per_worker
+    max_failures: int = 2
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    log_every: int = 5
+    sample_every: int = 20
+    shuffle_buffer: int = 64
+    window: Optional[int] = None  # px per side of the output window each step trains on; null: the whole output
+    window_halo: int = 2  # mask tokens decoded around the window and cut away
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
+                             f"{self.num_workers}")
+
+
+@dataclass
+class SamplesConfig:
+    """The `samples` section: the sample grid's held-out rows and the sizes (H, W) they are decoded at."""
+
+    count: int = 2  # the last rows of the last shard, never trained on
+    sizes: list = field(default_factory=lambda: [[128, 128], [256, 256], [192, 320]])
+
+
+@dataclass
+class TrainMlflow(MlflowConfig):
+    """The training run's `mlflow` section: the exported model is registered under `registered_model_name`."""
+
+    experiment: str = "infgen-train"
+    registered_model_name: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """A training run's config; conf/train/local.yaml documents every key. Checked on construction (the
+    `model` overrides by InfGenConfig, on the preset); a ValueError names the key that is wrong."""
+
+    CONFIG_NAME: ClassVar[str] = "training"
+    name: str = "infgen-local"  # the run: the same name and output resume it
+    data: Optional[str] = None  # the encode stage's output (parquet shards)
+    output: Optional[str] = None  # a shared POSIX path: checkpoints and the model under <output>/<name>/
+    vae: str = "tiny"  # the latents' VAE: the sample grid's baseline and the scaling factor the model records
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict, metadata=keys_of(InfGenConfig))  # InfGenConfig overrides
+    init_from: Optional[str] = None  # a checkpoint or exported model to start from (stage 2)
+    holdout: Holdout = field(default_factory=Holdout)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # total_steps: train.steps
+    loss: LossConfig = field(default_factory=LossConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    mlflow: TrainMlflow = field(default_factory=TrainMlflow)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        require(vars(self), ("data", "output"), "training")
+        if self.preset not in INFGEN_PRESETS:
+            raise ValueError(f"training config: preset={self.preset!r} is not one of {sorted(INFGEN_PRESETS)}")
+        InfGenConfig(**{**INFGEN_PRESETS[self.preset], **self.model})  # the overrides' values, by its own checks
+        self.optim = replace(self.optim, total_steps=self.train.steps)  # the schedule spans the run
 
 
 @dataclass
@@ -59,20 +138,20 @@ class TrainResult:
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
-def target_size_for_step(train: Mapping[str, Any], step: int) -> tuple[int, int]:
-    """The batch's output size: drawn from the configured range, the same on every rank and on resume."""
-    rng = random.Random(train["seed"] * 1_000_003 + step)
-    return random_target_size(rng, tuple(train["sizes"]), train["multiple"], tuple(train["aspect_range"]))
+def target_size_for_step(train: TrainLoopConfig, step: int) -> tuple[int, int]:
+    """The batch's output size (H, W): drawn from the configured range, the same on every rank and on resume."""
+    rng = random.Random(train.seed * 1_000_003 + step)
+    return random_target_size(rng, tuple(train.sizes), train.multiple, tuple(train.aspect_range))
 
 
-def window_for_step(train: Mapping[str, Any], step: int, size: tuple[int, int],
+def window_for_step(train: TrainLoopConfig, step: int, size: tuple[int, int],
                     scale: int) -> Optional[tuple[int, int, int, int]]:
     """The output window this step trains on, (top, left, height, width) in pixels (multiples of `scale`), or
     None for the whole output: `train.window` px per side at a seeded position, the same on every rank."""
-    side = train.get("window")
+    side = train.window
     if not side or side >= max(size):
         return None
-    rng = random.Random((train["seed"] * 1_000_003 + step) * 31 + 7)
+    rng = random.Random((train.seed * 1_000_003 + step) * 31 + 7)
     height, width = min(side, size[0]) // scale * scale, min(side, size[1]) // scale * scale
     top = rng.randint(0, (size[0] - height) // scale) * scale
     left = rng.randint(0, (size[1] - width) // scale) * scale
@@ -134,16 +213,15 @@ class TargetPrefetcher:
 # ---- the loop on each worker --------------------------------------------------------------------------------
 
 
-def build_model(cfg: Mapping[str, Any]) -> InfGen:
+def build_model(preset: str, overrides: Mapping[str, Any], init_from: Optional[str] = None) -> InfGen:
     """A fresh `preset`, or the weights of a stage-1 checkpoint / exported model (`init_from`, stage 2), with
-    the `model` overrides: a preset and a checkpoint are built with them; an exported model's config is changed
-    through InfGenConfig's own checks (e.g. grad_checkpointing, max_size for stage 2). Raises ValueError for an
-    `init_from` that is neither, or an override InfGenConfig rejects."""
-    init_from, overrides = cfg.get("init_from"), cfg.get("model", {})
+    the `overrides` of its config: a preset and a checkpoint are built with them; an exported model's config is
+    changed through InfGenConfig's own checks (e.g. grad_checkpointing, max_size for stage 2). Raises ValueError
+    for an `init_from` that is neither, or an override InfGenConfig rejects."""
     if not init_from:
-        return InfGen.from_preset(cfg["preset"], **overrides)
+        return InfGen.from_preset(preset, **overrides)
     if checkpoint.is_checkpoint(init_from):  # a training checkpoint: start from its EMA weights
-        return checkpoint.load_ema(init_from, InfGen.from_preset(cfg["preset"], **overrides))
+        return checkpoint.load_ema(init_from, InfGen.from_preset(preset, **overrides))
     if (Path(init_from) / WEIGHTS_NAME).is_file():
         model = InfGen.from_pretrained(init_from)
         model.config = replace(model.config, **overrides)  # __post_init__ validates; the weights stay
@@ -174,27 +252,31 @@ class Progress:
         return metrics
 
 
-def train_loop(cfg: dict) -> None:
+def train_loop(loop: dict) -> None:
+    """One Ray Train worker's loop. `loop`: the checked TrainConfig (`config`), and what the driver adds:
+    `run_dir`, `lineage` (MLflow tags), `parent_run_id`, `verbose`, the sample grid's rows (`sample_latents`
+    (n, C, h, w), `sample_hr` encoded crops)."""
     import ray.train
     import ray.train.torch
 
+    cfg: TrainConfig = loop["config"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train = cfg["train"]
+    train = cfg.train
     device = ray.train.torch.get_device()
-    if not cfg.get("verbose"):
+    if not loop["verbose"]:
         # libraries' INFO lines off on the workers: Ray Train logs a "Reporting training result" per report through
         # a logger named by its file path, which its own LoggingConfig level does not reach
         logging.getLogger().setLevel(logging.WARNING)
-    torch.set_num_threads(max(1, int(train.get("threads_per_worker") or 1)))
+    torch.set_num_threads(max(1, int(train.threads_per_worker or 1)))
 
-    torch.manual_seed(train["seed"])  # the same initial weights (and LPIPS network) on every rank
-    model = ray.train.torch.prepare_model(build_model(cfg))
-    loss = InfGenLoss(dataclass_from(LossConfig, cfg["loss"])).to(device)
-    torch.manual_seed(train["seed"] + rank)
+    torch.manual_seed(train.seed)  # the same initial weights (and LPIPS network) on every rank
+    model = ray.train.torch.prepare_model(build_model(cfg.preset, cfg.model, cfg.init_from))
+    loss = InfGenLoss(cfg.loss).to(device)
+    torch.manual_seed(train.seed + rank)
     if world > 1:
         loss.discriminator = ray.train.torch.prepare_model(loss.discriminator)
-    trainer = InfGenTrainer(model, loss, dataclass_from(OptimConfig, cfg["optim"], total_steps=train["steps"]))
+    trainer = InfGenTrainer(model, loss, cfg.optim)
 
     run_id = None
     latest = ray.train.get_checkpoint()
@@ -206,43 +288,42 @@ def train_loop(cfg: dict) -> None:
 
     tracker = sampler = None
     if rank == 0:
-        tracker = Tracker(cfg["mlflow"]["tracking_uri"], cfg["mlflow"]["experiment"], cfg["name"],
-                          tags=cfg["lineage"], run_id=run_id, parent_run_id=cfg.get("parent_run_id"),
-                          system_metrics=True)
+        tracker = cfg.mlflow.tracker(cfg.name, tags=loop["lineage"], run_id=run_id,
+                                     parent_run_id=loop["parent_run_id"], system_metrics=True)
         run_id = tracker.start()
         if not latest:
-            tracker.log_params(cfg["params"])
-        sampler = SampleGrid(cfg, device)
+            tracker.log_params({k: v for k, v in asdict(cfg).items() if k != "ray"})
+        sampler = SampleGrid(cfg.samples.sizes, loop["sample_latents"], loop["sample_hr"], cfg.vae, device)
 
     # the run ends FINISHED, or FAILED / KILLED when the loop raises (a restarted attempt resumes it)
     with tracker if tracker else contextlib.nullcontext():
         shard = ray.train.get_dataset_shard("train")
-        per_worker = train["batch_size"] // world
-        progress = Progress(train["steps"], per_worker * world)
+        per_worker = train.batch_size // world
+        progress = Progress(train.steps, per_worker * world)
         scale = unwrap(trainer.model).config.scale
 
         def plan(step: int) -> tuple:
             size = target_size_for_step(train, step)
             return size, window_for_step(train, step, size, scale)
 
-        while trainer.step < train["steps"]:
+        while trainer.step < train.steps:
             raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=train["shuffle_buffer"] or None)
-            batches = TargetPrefetcher(raw, plan, trainer.step, train["steps"],
-                                       train.get("decode_threads") or max(1, int(train["cpus_per_worker"])))
+                                     local_shuffle_buffer_size=train.shuffle_buffer or None)
+            batches = TargetPrefetcher(raw, plan, trainer.step, train.steps,
+                                       train.decode_threads or max(1, int(train.cpus_per_worker)))
             for latents, targets, size, region in batches:
                 step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
-                                              halo=train["window_halo"])
+                                              halo=train.window_halo)
                 step = trainer.step
                 progress.add(step_log)
-                due = {every: step % train[every] == 0 or step == train["steps"]
+                due = {every: step % getattr(train, every) == 0 or step == train.steps
                        for every in ("log_every", "sample_every", "checkpoint_every")}
                 if not any(due.values()):
                     continue
                 metrics = {**progress.flush(step), "step": step}
                 if rank == 0:
                     tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
-                    print(f"[train] step {step}/{train['steps']} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
+                    print(f"[train] step {step}/{train.steps} loss {metrics['loss']:.4f} l1 {metrics['l1']:.4f} "
                           f"{metrics['samples_per_s']:.1f} samples/s ETA {metrics['eta_s'] / 60:.1f} min", flush=True)
                     if due["sample_every"]:
                         sampler.log(trainer.ema, tracker, step)
@@ -251,7 +332,7 @@ def train_loop(cfg: dict) -> None:
                 else:
                     ray.train.report(metrics)
         if rank == 0:
-            export(cfg, trainer, tracker)
+            export(loop, trainer, tracker)
             tracker.set_note(training_note(cfg, trainer.step, sampler))
 
 
@@ -264,16 +345,16 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> None:
+def export(loop: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> None:
     """The EMA model to <run_dir>/model, logged and registered in MLflow (one version per trained model: an
     export of the same step and config as the last registers nothing), then EXPORTED."""
-    run_dir = Path(cfg["run_dir"])
+    run_dir = Path(loop["run_dir"])
     model_dir = run_dir / "model"
     trainer.ema.save_pretrained(model_dir)
     print(f"[train] exported the EMA model to {model_dir}", flush=True)
     last = json.loads((run_dir / EXPORTED).read_text()) if (run_dir / EXPORTED).is_file() else {}
-    done = {"step": trainer.step, "config_hash": cfg["lineage"]["infgen.config_hash"], "run_id": tracker.run_id}
-    name = cfg["mlflow"].get("registered_model_name")
+    done = {"step": trainer.step, "config_hash": loop["lineage"]["infgen.config_hash"], "run_id": tracker.run_id}
+    name = loop["config"].mlflow.registered_model_name
     version = last.get("model_version") if {k: last.get(k) for k in done} == done else None
     if version is None:
         version = tracker.log_infgen_model(model_dir, name)
@@ -283,30 +364,35 @@ def export(cfg: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> 
     (run_dir / EXPORTED).write_text(json.dumps({**done, "model_name": name, "model_version": version}))
 
 
-def training_note(cfg: Mapping[str, Any], step: int, sampler: "SampleGrid") -> str:
+def training_note(cfg: TrainConfig, step: int, sampler: "SampleGrid") -> str:
     """The run's description: what was trained, how it compares on the held-out samples, and the caveats."""
-    loss = cfg["loss"]
+    loss = cfg.loss
     terms = "L1 + L2" + (" + a perceptual term on a RANDOM backbone (offline: not LPIPS)"
-                         if loss.get("lpips_weight") and loss.get("lpips_random_backbone") else
-                         " + LPIPS" if loss.get("lpips_weight") else "")
+                         if loss.lpips_weight and loss.lpips_random_backbone else
+                         " + LPIPS" if loss.lpips_weight else "")
     psnrs = "; ".join(f"{w}x{h}: {ours:.2f} vs {base:.2f} dB" for (h, w), (ours, base) in sampler.last_psnr.items())
-    return (f"InfGen {cfg['preset']} trained {step} steps on {cfg['data']} (targets {cfg['train']['sizes']} px, "
+    return (f"InfGen {cfg.preset} trained {step} steps on {cfg.data} (targets {cfg.train.sizes} px, "
             f"loss {terms}). Held-out sample PSNR, infgen vs VAE decode + bicubic: {psnrs or 'not logged'} "
             f"({len(sampler.latents)} samples: a progress signal; the evaluate stage measures quality).")
 
 
-def check_resume(run_dir: str, cfg: Mapping[str, Any]) -> None:
-    """A rerun resumes the checkpoints in `run_dir` only with the model, loss and data they were trained with:
-    anything else is a ValueError on the driver naming the keys that differ (before any worker starts and dies
-    on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
+def resume_shape(cfg: TrainConfig) -> dict:
+    """What a run's checkpoints depend on (check_resume): preset, model overrides, loss, data and VAE."""
+    return {"preset": cfg.preset, "model": cfg.model, "loss": asdict(cfg.loss), "data": cfg.data, "vae": cfg.vae}
+
+
+def check_resume(run_dir: str, shape: Mapping[str, Any]) -> None:
+    """A rerun resumes the checkpoints in `run_dir` only with the model, loss and data they were trained with
+    (`shape`, as resume_shape gives it): anything else is a ValueError on the driver naming the keys that differ
+    (before any worker starts and dies on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
     from pipelines.tracking import flatten
 
     if "://" in run_dir:
         return
-    shape = json.loads(json.dumps({k: cfg.get(k) for k in ("preset", "model", "loss", "data", "vae")}, default=str))
+    shape = _with_loss_defaults(shape)
     path = Path(run_dir) / RUN_CONFIG
     if path.is_file():
-        old, new = flatten(json.loads(path.read_text())), flatten(shape)
+        old, new = flatten(_with_loss_defaults(json.loads(path.read_text()))), flatten(shape)
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:
             changes = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
@@ -316,6 +402,13 @@ def check_resume(run_dir: str, cfg: Mapping[str, Any]) -> None:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(shape, indent=2))
+
+
+def _with_loss_defaults(shape: Mapping[str, Any]) -> dict:
+    """`shape` as JSON, its loss section filled in with LossConfig's defaults: records written before the loss
+    was a checked section hold only the keys their config set, and the same run must still resume."""
+    loss = asdict(dataclass_from(LossConfig, shape.get("loss") or {}))
+    return json.loads(json.dumps({**shape, "loss": loss}, default=str))
 
 
 def finished_run(run_dir: str, steps: int, config_hash_: str) -> Optional[dict]:
@@ -331,13 +424,13 @@ class SampleGrid:
     """The same held-out latents decoded at several sizes by the EMA model, next to the ground truth and the
     baseline (VAE decode at native size + bicubic), logged as an image every `sample_every` steps."""
 
-    def __init__(self, cfg: Mapping[str, Any], device: torch.device) -> None:
-        samples = cfg["samples"]
-        self.sizes = [tuple(s) for s in samples["sizes"]]
-        self.latents = torch.tensor(np.asarray(samples["latents"], dtype=np.float32))  # a copy: Ray's is read-only
-        self.hr = samples["hr"]
+    def __init__(self, sizes: Sequence[Sequence[int]], latents: np.ndarray, hr: Sequence[bytes], vae: str,
+                 device: torch.device) -> None:
+        self.sizes = [tuple(s) for s in sizes]
+        self.latents = torch.tensor(np.asarray(latents, dtype=np.float32))  # a copy: Ray's is read-only
+        self.hr = hr
         self.device = device
-        vae = load_vae(cfg["vae"])
+        vae = load_vae(vae)
         native = vae.decode(self.latents)
         self.truth = {s: decode_targets(self.hr, s) for s in self.sizes}
         self.baseline = {s: resize(native, s, mode="bicubic") for s in self.sizes}
@@ -379,111 +472,72 @@ class SampleGrid:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
-SECTIONS = {  # every key a training config may have; anything else is a typo that would be silently ignored
-    "train": {"steps", "batch_size", "sizes", "multiple", "aspect_range", "num_workers", "use_gpu", "cpus_per_worker",
-              "threads_per_worker", "max_failures", "checkpoint_every", "keep_checkpoints", "log_every",
-              "sample_every", "shuffle_buffer", "seed", "window", "window_halo", "decode_threads"},
-    "samples": {"count", "sizes"},
-    "holdout": set(HOLDOUT_KEYS),
-    "mlflow": {"tracking_uri", "experiment", "registered_model_name"},
-    "ray": {"address", "num_cpus"},
-}
-TOP_LEVEL = {"name", "data", "output", "vae", "preset", "model", "init_from", "optim", "loss", *SECTIONS}
-
-
-def check_config(cfg: Mapping[str, Any]) -> None:
-    """Unknown keys anywhere in a training config are an error naming them, before any worker starts."""
-    from dataclasses import fields
-
-    from infgen.models import InfGenConfig
-
-    unknown = sorted(set(cfg) - TOP_LEVEL)
-    for section, known in SECTIONS.items():
-        unknown += sorted(f"{section}.{k}" for k in set(cfg.get(section) or {}) - known)
-    unknown += sorted(f"model.{k}" for k in set(cfg.get("model") or {}) - {f.name for f in fields(InfGenConfig)})
-    if unknown:
-        raise ValueError(f"training config: unknown keys {unknown}")
-    missing = sorted({"name", "data", "output", "vae", "preset", "train", "optim", "loss", "samples", "mlflow", "ray"}
-                     - set(cfg))
-    if missing:
-        raise ValueError(f"training config: missing keys {missing}")
-    require(cfg, ("data", "output"), "training")
-    dataclass_from(LossConfig, cfg["loss"])  # their own unknown-key and value checks
-    dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
-    Holdout.check(cfg.get("holdout"))
-
-
-def excluded_keys(fs, paths: list[str], cfg: Mapping[str, Any], sample_keys: list[str]) -> list[str]:
-    """The rows training never reads: the sample grid's rows and every row the `holdout` section holds out
-    (the evaluation's images, selected by pipelines.common.Holdout as the evaluation selects them)."""
-    holdout = Holdout.from_config(cfg.get("holdout"))
+def excluded_keys(fs, paths: list[str], holdout: Holdout, sample_keys: list[str]) -> list[str]:
+    """The rows training never reads: the sample grid's rows and every row `holdout` (its URL list read) holds
+    out: the evaluation's images, selected by the same Holdout as the evaluation selects them."""
     held = shards.held_out_keys(fs, paths, holdout)
     if holdout:
         print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
     return sample_keys + held
 
 
-def run_train(config: Any) -> TrainResult:
-    """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes."""
+def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
+    """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes. `config`: a
+    TrainConfig, or a mapping checked into one (ValueError naming the key, before any worker starts)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = plain_config(config)
-    check_config(cfg)
-    train = cfg["train"]
-    if train["batch_size"] % train["num_workers"]:
-        raise ValueError(f"train.batch_size {train['batch_size']} is not divisible by train.num_workers "
-                         f"{train['num_workers']}")
+    cfg = dataclass_from(TrainConfig, config)
+    train = cfg.train
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # workers' print() straight to their stdout, once: Ray Train's print patch would also echo each line through
     # its logger (every progress line twice); Ray Train propagates this variable to the workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    init_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
+    cfg.ray.init()
 
-    fs, paths = resolve_files(str(cfg["data"]), suffix=".parquet")
+    fs, paths = resolve_files(cfg.data, suffix=".parquet")
     # the sample grid's rows: never trained on, decoded in every sample grid
-    keys, latents, hr = shards.last_rows(fs, paths, cfg["samples"]["count"])
-    dataset = shards.training_dataset(fs, paths, excluded_keys(fs, paths, cfg, keys))
+    keys, latents, hr = shards.last_rows(fs, paths, cfg.samples.count)
+    dataset = shards.training_dataset(fs, paths, excluded_keys(fs, paths, cfg.holdout.read(), keys))
 
     # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
-    cfg["model"] = {"scaling_factor": load_vae(cfg["vae"]).scaling_factor, **(cfg.get("model") or {})}
+    cfg = replace(cfg, model={"scaling_factor": load_vae(cfg.vae).scaling_factor, **cfg.model})
 
-    storage = cfg["output"] if "://" in cfg["output"] else os.path.abspath(cfg["output"])
-    loop_cfg = {**cfg, "run_dir": os.path.join(storage, cfg["name"]),
-                "verbose": verbose(),  # Ray's and the libraries' INFO lines on the workers too
-                "params": {k: v for k, v in cfg.items() if k not in ("ray",)},
-                "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
-                "lineage": {"infgen.stage": "train", "infgen.input": str(cfg["data"]),
-                            "infgen.output": os.path.join(storage, cfg["name"]),
-                            # what shapes the model: not where it is logged or run (a rerun's new server port)
-                            "infgen.config_hash": config_hash({k: v for k, v in cfg.items()
-                                                              if k not in ("mlflow", "ray")})},
-                "samples": {**cfg["samples"], "latents": latents, "hr": hr}}
-    check_resume(loop_cfg["run_dir"], cfg)
-    finished = finished_run(loop_cfg["run_dir"], train["steps"], loop_cfg["lineage"]["infgen.config_hash"])
+    storage = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    run_dir = os.path.join(storage, cfg.name)
+    # what shapes the model: not where it is logged or run (a rerun's new server port)
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("mlflow", "ray")}
+    loop = {"config": cfg, "run_dir": run_dir,
+            "verbose": verbose(),  # Ray's and the libraries' INFO lines on the workers too
+            "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
+            "lineage": {"infgen.stage": "train", "infgen.input": cfg.data, "infgen.output": run_dir,
+                        "infgen.config_hash": config_hash(shaping)},
+            "sample_latents": latents, "sample_hr": hr}
+    check_resume(run_dir, resume_shape(cfg))
+    finished = finished_run(run_dir, train.steps, loop["lineage"]["infgen.config_hash"])
     if finished:
-        print(f"[train] {loop_cfg['run_dir']} finished {train['steps']} steps with this config already: nothing to "
+        print(f"[train] {run_dir} finished {train.steps} steps with this config already: nothing to "
               f"do (MLflow run {finished['run_id']}, model version {finished.get('model_version')})", flush=True)
-        return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"), checkpoint=None, metrics={},
+        return TrainResult(model_dir=os.path.join(run_dir, "model"), checkpoint=None, metrics={},
                            run_id=finished["run_id"], skipped=True)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg, datasets={"train": dataset},
+        train_loop, train_loop_config=loop, datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train["num_workers"], use_gpu=train["use_gpu"],
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
             # fractional CPUs: a trainer fed by Ray Data hangs on a 2-CPU machine otherwise
-            resources_per_worker={"CPU": train["cpus_per_worker"], **({"GPU": 1} if train["use_gpu"] else {})}),
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=cfg["name"], storage_path=storage,
+            name=cfg.name, storage_path=storage,
             # Ray Train's own INFO lines only with INFGEN_VERBOSE=1
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if loop_cfg["verbose"] else "WARNING"),
-            failure_config=ray.train.FailureConfig(max_failures=train["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train["keep_checkpoints"])))
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if loop["verbose"] else "WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)))
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     state_run = None
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
             state_run = checkpoint.mlflow_run_id(directory)
-    return TrainResult(model_dir=os.path.join(loop_cfg["run_dir"], "model"),
+    return TrainResult(model_dir=os.path.join(run_dir, "model"),
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=metrics, run_id=state_run)

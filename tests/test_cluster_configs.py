@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from jobs.config import load_job_config
-from pipelines.common import dataclass_from, plain_config
+from pipelines.config import dataclass_from, plain_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "conf" / "cluster"
@@ -15,27 +15,27 @@ SHARED = "/mnt/shared/infgen/"
 
 
 def _filter(cfg: dict) -> None:
-    from pipelines.filter import _config_dict, filter_params
+    from pipelines.filter import FilterConfig
 
-    params = filter_params(_config_dict(cfg))
+    params = dataclass_from(FilterConfig, cfg).params()
     assert params["min_pixels"] == 2_000_000
 
 
 def _download(cfg: dict) -> None:
-    from pipelines.download import check_config
+    from pipelines.download import DownloadConfig
 
-    assert check_config(cfg)["distributor"] == "ray"
+    assert dataclass_from(DownloadConfig, cfg).distributor == "ray"
 
 
 def _encode(cfg: dict) -> None:
     from pipelines.encode import EncodeConfig
 
-    enc = EncodeConfig.from_mapping(cfg)
+    enc = dataclass_from(EncodeConfig, cfg)
     assert (enc.num_gpus, enc.num_actors, enc.precision, enc.input_size) == (1, 8, "fp16", 512)
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
-    """Dotted keys, descending only into the sections the training code reads key by key."""
+    """Dotted keys, descending into the sections whose keys the local config lists one by one."""
     keys = set()
     for key, value in tree.items():
         keys.add(prefix + key)
@@ -45,17 +45,15 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
 
 
 def _train(cfg: dict) -> None:
-    from infgen.losses import LossConfig
     from infgen.models import INFGEN_PRESETS, InfGenConfig
-    from infgen.training import OptimConfig
+    from pipelines.train import TrainConfig
 
-    # pipelines/train.py reads these sections key by key: the same keys as the local config it is tested with
+    # the same keys as the local config the training tests run with
     local = plain_config(OmegaConf.load(ROOT / "conf" / "train" / "local.yaml"))
     assert _keys(cfg) == _keys(local), f"keys differ from conf/train/local.yaml: {_keys(cfg) ^ _keys(local)}"
-    # the dataclass sections are checked by their dataclasses (unknown keys are errors)
-    dataclass_from(OptimConfig, cfg["optim"], total_steps=cfg["train"]["steps"])
-    loss = dataclass_from(LossConfig, cfg["loss"])
-    assert not loss.lpips_random_backbone  # a real run reports LPIPS: the pretrained backbone
+    checked = dataclass_from(TrainConfig, cfg)  # every section by its dataclass (unknown keys are errors)
+    assert checked.optim.total_steps == cfg["train"]["steps"]
+    assert not checked.loss.lpips_random_backbone  # a real run reports LPIPS: the pretrained backbone
     assert cfg["preset"] in INFGEN_PRESETS
     model = InfGenConfig(**{**INFGEN_PRESETS[cfg["preset"]], **cfg["model"]})
     train = cfg["train"]
@@ -73,7 +71,7 @@ def _train(cfg: dict) -> None:
 def _evaluate(cfg: dict) -> None:
     from pipelines.evaluate import EvalConfig
 
-    EvalConfig.from_mapping(cfg)
+    dataclass_from(EvalConfig, cfg)
 
 
 def _decode(cfg: dict) -> None:
@@ -81,8 +79,8 @@ def _decode(cfg: dict) -> None:
 
     local = plain_config(OmegaConf.load(ROOT / "conf/decode/local.yaml"))
     assert _keys(cfg) == _keys(local), f"keys differ from conf/decode/local.yaml: {_keys(cfg) ^ _keys(local)}"
-    decode = DecodeConfig(**cfg)
-    assert decode.workers["num_gpus"] >= 1 and decode.tile and max(max(s) for s in decode.sizes) <= 8192
+    decode = dataclass_from(DecodeConfig, cfg)
+    assert decode.workers.num_gpus >= 1 and decode.tile and max(max(s) for s in decode.sizes) <= 8192
     stage2 = plain_config(OmegaConf.load(CLUSTER / "train_stage2.yaml"))
     assert cfg["model"] == f"models:/{stage2['mlflow']['registered_model_name']}@newest"  # what training registers
 
@@ -152,19 +150,23 @@ def test_same_keys_as_the_local_config(cluster, local):
     assert ours == theirs, f"conf/cluster/{cluster}.yaml vs conf/{local}.yaml: {sorted(ours ^ theirs)}"
 
 
-def test_overrides_inside_an_empty_section_reach_the_stage_checks():
-    """conf/cluster/train_stage1.yaml documents `model.grad_checkpointing=true` on its `model: {}` section."""
-    from pipelines.train import check_config
+def test_overrides_of_nested_keys_reach_the_stage_checks():
+    """conf/cluster/train_stage1.yaml documents `model.grad_checkpointing=true` on its `model: {}` section. A key
+    inside a section overrides like any other, whether the file has it or not; which keys exist is the stage's
+    config to say, and an unknown one is an error naming it, dotted."""
+    from pipelines.train import TrainConfig
 
     assert "model.grad_checkpointing=true" in (CLUSTER / "train_stage1.yaml").read_text()
     data = "data=/mnt/shared/infgen/data/encoded/0123456789abcdef"
-    cfg = plain_config(load_job_config(CLUSTER / "train_stage1.yaml", ["model.grad_checkpointing=true", data]))
-    assert cfg["model"] == {"grad_checkpointing": True}
-    check_config(cfg)
-    bad = plain_config(load_job_config(CLUSTER / "train_stage1.yaml", ["model.grad_checkpointin=true", data]))
-    with pytest.raises(ValueError, match=r"unknown keys \['model.grad_checkpointin'\]"):
-        check_config(bad)
-    with pytest.raises(ValueError, match="unknown key in overrides"):
-        load_job_config(CLUSTER / "train_stage1.yaml", ["train.stepz=5"])  # outside empty sections: still strict
+    load = lambda name, *overrides: dataclass_from(TrainConfig, load_job_config(CLUSTER / name, [*overrides, data]))
+    cfg = load("train_stage1.yaml", "model.grad_checkpointing=true", "loss.l2_weight=0.5")
+    assert cfg.model == {"grad_checkpointing": True} and cfg.loss.l2_weight == 0.5  # l2_weight: not in the file
+    assert cfg.loss.lpips_weight == 0.1  # the section's other keys stay as the file has them
+    stage2 = load("train_stage2.yaml", "model.max_size=4096")  # a section the file fills: the same
+    assert stage2.model == {"grad_checkpointing": True, "max_size": 4096}
+    with pytest.raises(ValueError, match=r"training config: unknown keys \['model.grad_checkpointin'\]"):
+        load("train_stage1.yaml", "model.grad_checkpointin=true")
+    with pytest.raises(ValueError, match=r"training config: unknown keys \['loss.foo', 'train.stepz'\]"):
+        load("train_stage1.yaml", "train.stepz=5", "loss.foo=1")
     with pytest.raises(ValueError, match=r"override 'input=\.\.\.': the value does not parse as YAML"):
         load_job_config(ROOT / "conf/data/download.yaml", ["input=..."])

@@ -78,7 +78,7 @@ def test_decode_config_errors_name_the_key(model_dir, tmp_path):
         run_decode({**base, "sizes": ["12x"]})
     with pytest.raises(ValueError, match="format must be one of"):
         run_decode({**base, "format": "gif"})
-    with pytest.raises(ValueError, match=r"unknown DecodeConfig keys in the config: \['size'\]"):
+    with pytest.raises(ValueError, match=r"decode config: unknown keys \['size'\]"):
         run_decode({**base, "size": [64]})
     with pytest.raises(ValueError, match="no .pt / .pth / .npy / .safetensors files found"):
         run_decode(base)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from infgen.images import to_tensor
 from pipelines.common import STATS, SUCCESS
+from pipelines.config import dataclass_from
 from pipelines.encode import (EncodeConfig, EncodeUDF, SkipSample, crop_box_for, decode_image, prepare_sample,
                               resolve_vae, run_encode)
 from pipelines.sample_data import LARGE_PHOTOS, write_photos
@@ -226,16 +227,16 @@ def test_pil_bomb_warning_is_a_skip_too(photo_dir):
 
 
 def test_crop_boxes_follow_key_seed_and_ranges():
-    cfg = EncodeConfig.from_mapping(config("in", "out", min_side=512, aspect_range=[0.5, 2.0]))
+    cfg = dataclass_from(EncodeConfig, config("in", "out", min_side=512, aspect_range=[0.5, 2.0]))
     boxes = {k: crop_box_for(k, 1800, 1200, cfg) for k in (f"{i:09d}" for i in range(200))}
     assert crop_box_for("000000007", 1800, 1200, cfg) == boxes["000000007"]
     assert len(set(boxes.values())) == len(boxes)
     for left, top, right, bottom in boxes.values():
         w, h = right - left, bottom - top
         assert min(w, h) >= 512 and right <= 1800 and bottom <= 1200 and 0.5 - 0.01 <= w / h <= 2.0 + 0.01
-    reseeded = EncodeConfig.from_mapping(config("in", "out", min_side=512, aspect_range=[0.5, 2.0], seed=1))
+    reseeded = dataclass_from(EncodeConfig, config("in", "out", min_side=512, aspect_range=[0.5, 2.0], seed=1))
     assert crop_box_for("000000007", 1800, 1200, reseeded) != boxes["000000007"]
-    wide_only = EncodeConfig.from_mapping(config("in", "out", min_side=512, aspect_range=[1.5, 2.0]))
+    wide_only = dataclass_from(EncodeConfig, config("in", "out", min_side=512, aspect_range=[1.5, 2.0]))
     with pytest.raises(SkipSample, match="no_crop_in_aspect_range"):
         crop_box_for("k", 600, 1200, wide_only)  # portrait, too narrow for a wide 512-pixel crop
     with pytest.raises(SkipSample, match="too_small"):
@@ -245,7 +246,7 @@ def test_crop_boxes_follow_key_seed_and_ranges():
 def test_default_config_gives_64_latents_in_float16(photo_dir, tiny_vae):
     from jobs.config import load_job_config
 
-    cfg = EncodeConfig.from_mapping(load_job_config(ROOT / "conf/data/encode.yaml", ["input=x", "output=y"]))
+    cfg = dataclass_from(EncodeConfig, load_job_config(ROOT / "conf/data/encode.yaml", ["input=x", "output=y"]))
     source, shape, scaling = resolve_vae(cfg)
     assert cfg.input_size == 512 and shape == (4, 64, 64) and scaling == tiny_vae.scaling_factor
     row = prepare_sample("000000001", (photo_dir / "rocket.jpg").read_bytes(), cfg)
@@ -261,13 +262,13 @@ def test_default_config_gives_64_latents_in_float16(photo_dir, tiny_vae):
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown keys.*'input_sise'"):
-        EncodeConfig.from_mapping({"input": "x", "output": "y", "input_sise": 512})
+        dataclass_from(EncodeConfig, {"input": "x", "output": "y", "input_sise": 512})
     with pytest.raises(ValueError, match="input_size=500"):
-        EncodeConfig.from_mapping({"input": "x", "output": "y", "input_size": 500})
+        dataclass_from(EncodeConfig, {"input": "x", "output": "y", "input_size": 500})
     with pytest.raises(ValueError, match="hr_max_side=256"):
-        EncodeConfig.from_mapping({"input": "x", "output": "y", "hr_max_side": 256})
+        dataclass_from(EncodeConfig, {"input": "x", "output": "y", "hr_max_side": 256})
     with pytest.raises(ValueError, match="encode config: output must be set"):
-        EncodeConfig.from_mapping({"input": "x"})
+        dataclass_from(EncodeConfig, {"input": "x"})
     with pytest.raises(ValueError, match="no such file"):
         run_encode(config(tmp_path / "nowhere", tmp_path / "out"))
     (tmp_path / "empty").mkdir()
@@ -278,7 +279,7 @@ def test_config_errors_name_the_key(tmp_path):
 def test_several_crops_per_image_each_keyed_and_seeded(photo_dir):
     from pipelines.encode import prepare_batch
 
-    cfg = EncodeConfig.from_mapping({"input": "x", "output": "y", "input_size": 64, "min_side": 256,
+    cfg = dataclass_from(EncodeConfig, {"input": "x", "output": "y", "input_size": 64, "min_side": 256,
                                      "crops_per_image": 3, "hr_max_side": 512})
     batch = {"__key__": np.array(["a", "b"], dtype=object), "__url__": np.array(["s.tar", "s.tar"], dtype=object),
              "jpg": np.array([(photo_dir / "rocket.jpg").read_bytes(), b""], dtype=object)}
@@ -297,7 +298,7 @@ def test_an_actor_encodes_a_whole_shard_in_vae_batches_of_batch_size(photo_dir, 
     from pipelines.encode import ShardEncoder
 
     directory, _ = shards
-    cfg = EncodeConfig.from_mapping(config(directory, tmp_path, crops_per_image=3, batch_size=2))
+    cfg = dataclass_from(EncodeConfig, config(directory, tmp_path, crops_per_image=3, batch_size=2))
     _, shape, _ = resolve_vae(cfg)
     actor = ShardEncoder(cfg, pafs.LocalFileSystem(), pafs.LocalFileSystem(), shape)
     seen = []
@@ -325,7 +326,7 @@ def test_member_names_variants_and_other_formats_are_not_missing(photo_dir, tmp_
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    cfg = EncodeConfig.from_mapping(config(tmp_path, tmp_path / "out"))
+    cfg = dataclass_from(EncodeConfig, config(tmp_path, tmp_path / "out"))
     batch = next(sample_batches(read_tar_samples(pafs.LocalFileSystem(), str(tmp_path / "odd.tar")), 8))
     rows = prepare_batch(batch, cfg)
     reasons = dict(zip(rows["key"], rows["skip_reason"]))

@@ -18,6 +18,7 @@ from infgen.data import photo_pairs
 from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator, output_size
 from infgen.fid import FeatureSample, PatchProtocol, RandomConvFeatures, kernel_inception_distance, patch_priority
 from infgen.models import InfGen
+from pipelines.config import dataclass_from
 from pipelines.evaluate import EvalConfig, EvalWorker, plan, run_evaluate, select
 from pipelines.sample_data import write_encoded_shards
 from pipelines.shards import read_rows
@@ -100,18 +101,18 @@ def test_images_smaller_than_a_patch_are_skipped_and_counted(tiny_vae, pairs):
 
 def test_config_errors_name_the_problem(tmp_path):
     base = {"model": str(tmp_path), "data": str(tmp_path), "output": str(tmp_path)}
-    with pytest.raises(ValueError, match="unknown evaluation config keys: \\['resolution'\\]"):
-        EvalConfig.from_mapping({**base, "resolution": [512]})
+    with pytest.raises(ValueError, match="evaluation config: unknown keys \\['resolution'\\]"):
+        dataclass_from(EvalConfig, {**base, "resolution": [512]})
     with pytest.raises(ValueError, match="needs `reference`"):
-        EvalConfig.from_mapping({**base, "data_kind": "latents"})
+        dataclass_from(EvalConfig, {**base, "data_kind": "latents"})
     with pytest.raises(ValueError, match="multiples of 8"):
-        EvalConfig.from_mapping({**base, "resolutions": [500]})
+        dataclass_from(EvalConfig, {**base, "resolutions": [500]})
     with pytest.raises(ValueError, match="decoders must be"):
-        EvalConfig.from_mapping({**base, "decoders": ["vae_nearest"]})
-    with pytest.raises(ValueError, match="unknown workers keys"):
-        EvalConfig.from_mapping({**base, "workers": {"gpus": 1}})
+        dataclass_from(EvalConfig, {**base, "decoders": ["vae_nearest"]})
+    with pytest.raises(ValueError, match="evaluation config: unknown keys \\['workers.gpus'\\]"):
+        dataclass_from(EvalConfig, {**base, "workers": {"gpus": 1}})
     with pytest.raises(ValueError, match="no `model` is set"):
-        EvalConfig.from_mapping({**base, "model": None})
+        dataclass_from(EvalConfig, {**base, "model": None})
 
 
 # ---- the Ray job ----------------------------------------------------------------------------------------
@@ -261,17 +262,18 @@ def test_generation_from_latent_files_against_reference_images(ray_local, model_
 def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
     import hashlib
 
-    from pipelines.common import Holdout, resolve_files
-    from pipelines.shards import held_out_keys
+    from pipelines.common import resolve_files
     from pipelines.evaluate import plan
+    from pipelines.holdout import Holdout
+    from pipelines.shards import held_out_keys
     from pipelines.train import excluded_keys
 
     fs, paths = resolve_files(str(encoded))
     holdout = Holdout.from_config({"fraction": 0.5, "seed": 3})
     keys = held_out_keys(fs, paths, holdout)
     assert 0 < len(keys) < 8
-    assert excluded_keys(fs, paths, {"holdout": {"fraction": 0.5, "seed": 3}}, []) == keys
-    cfg = EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
+    assert excluded_keys(fs, paths, holdout, []) == keys
+    cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": {"fraction": 0.5, "seed": 3}})
     assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
     split = Holdout(fraction=0.3)
@@ -288,8 +290,9 @@ def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
 def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_its_crops(pairs, tmp_path):
     """The demo's split: a list of held-out URLs (conf/photos.yaml's held-out files). Every crop of a listed
     image is out of training and in the evaluation, whatever host serves it; nothing else is evaluated."""
-    from pipelines.common import Holdout, resolve_files
+    from pipelines.common import resolve_files
     from pipelines.evaluate import plan
+    from pipelines.holdout import Holdout
     from pipelines.train import excluded_keys
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos, as the encode stage writes crops_per_image=2
@@ -306,10 +309,10 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
     assert len(held) == 2
 
-    excluded = excluded_keys(fs, paths, {"holdout": section}, ["sample-row"])
+    excluded = excluded_keys(fs, paths, Holdout.from_config(section), ["sample-row"])
     training = set(url_of) - set(excluded)
     assert held <= set(excluded) and not held & training and len(training) == 6
-    cfg = EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
+    cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": section})
     assert {k for unit in plan(cfg).units for k in unit["keys"]} == held
 
@@ -320,8 +323,8 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="lists no URLs"):
         Holdout.from_config({"urls": str(tmp_path / "empty.txt")})
-    with pytest.raises(ValueError, match="unknown keys \\['files'\\]"):
-        EvalConfig.from_mapping({"model": None, "decoders": ["vae_bicubic"], "data": "x", "output": "x",
+    with pytest.raises(ValueError, match="unknown keys \\['holdout.files'\\]"):
+        dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": "x", "output": "x",
                                  "holdout": {"files": "a.txt"}})
 
 
@@ -363,9 +366,9 @@ def test_limit_holds_at_each_resolution_with_real_pixels(tiny_vae, pairs, encode
     # planned and run by a worker (ground truth 256²): 512 selects nobody, so nothing is decoded or skipped there
     cfg = eval_config(None, encoded, "unused", None, model=None, decoders=["vae_bicubic"], limit=2,
                       resolutions=[128, 256, 512], upsample_truth=False)
-    cfg = OmegaConf.to_container(cfg)
+    cfg = dataclass_from(EvalConfig, cfg)
     worker = EvalWorker(cfg, reference_features=True, lpips_ok=False, grid_keys=[], aspect=None)
-    assert sum(worker.process(unit) for unit in plan(EvalConfig.from_mapping(cfg)).units) == 2
+    assert sum(worker.process(unit) for unit in plan(cfg).units) == 2
     assert worker.acc.counts[("vae_bicubic", 256)]["images"] == 2
     assert not worker.acc.counts[(REFERENCE, 512)].get("truth_skipped") and ("vae_bicubic", 512) not in worker.acc.counts
 

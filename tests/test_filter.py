@@ -7,6 +7,7 @@ import math
 import re
 import sys
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipelines.sample_data import write_laion_parquet
-from pipelines.filter import (DEFAULTS, OUTPUT_SCHEMA, REASONS, cap_key, cap_threshold, column_mapping, count_reasons,
-                              dedup_partition, filter_batch, filter_params, host_verdict, normalize_urls, run_filter)
+from pipelines.filter import (OUTPUT_SCHEMA, REASONS, FilterConfig, cap_key, cap_threshold, column_mapping,
+                              count_reasons, dedup_partition, filter_batch, host_verdict, normalize_urls, run_filter)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(min_pixels=2_000_000, min_short_side=1000, max_aspect_ratio=2.5, min_aesthetic=5.0,
@@ -292,7 +293,7 @@ def test_dedup_partition_keeps_the_smallest_content_hash_and_counts_the_rest(tmp
             for i in range(12)]
     path = write_laion_parquet(tmp_path / "p.parquet", rows, "aesthetics_v2")
     table = pq.read_table(path)
-    params = filter_params({"min_aesthetic": None, "max_punsafe": None, "max_pwatermark": None})
+    params = FilterConfig(input="-", output="-", min_aesthetic=None, max_punsafe=None, max_pwatermark=None).params()
     passed = filter_batch(table, column_mapping(str(path), table.schema, params), params)
     kept = dedup_partition(passed)
     shuffled = dedup_partition(passed.take(np.random.default_rng(0).permutation(passed.num_rows)))
@@ -338,7 +339,7 @@ def test_job_entry_point_with_the_shipped_config(ray_local, tmp_path, mlflow_uri
     from jobs import filter as job
 
     yaml = OmegaConf.load(ROOT / "conf" / "data" / "filter.yaml")
-    assert set(yaml) - {"input", "output", "overwrite", "partitions", "ray", "mlflow"} == set(DEFAULTS)
+    assert set(yaml) == {f.name for f in fields(FilterConfig)}
     single = write_laion_parquet(tmp_path / "in" / "p.parquet",
                                  [dict(url=f"https://a.example.com/{i}.jpg", width=2400, height=1600) for i in range(3)],
                                  "aesthetic_v1")

@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from infgen.photos import SHIPPED_HOLDOUT, load_photos, load_shipped_photos
-from pipelines.common import Holdout
-from pipelines.filter import column_mapping, count_reasons, dedup_partition, filter_batch, filter_params, REASONS
+from pipelines.config import dataclass_from
+from pipelines.filter import REASONS, FilterConfig, column_mapping, count_reasons, dedup_partition, filter_batch
+from pipelines.holdout import Holdout
 from pipelines.sample_data import DEMO_BROKEN, write_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +25,8 @@ BASE = "http://127.0.0.1:18765"
 def kept_by_filter(metadata: Path) -> tuple[set[str], dict[str, int]]:
     """The URLs the demo's filter stage (its stage config + the demo's overrides) keeps, and its drop counts."""
     stage = OmegaConf.load(ROOT / "conf/demo.yaml").stages.filter
-    params = filter_params(OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / stage.config),
-                                                                  stage.overrides)))
+    params = dataclass_from(FilterConfig, OmegaConf.merge(OmegaConf.load(ROOT / stage.config), stage.overrides,
+                                                          {"input": str(metadata)})).params()
     assert params["min_pixels"] == 2_000_000 and params["allow_private_hosts"]  # the real threshold, from 127.0.0.1
     table = pq.read_table(metadata)
     passed = filter_batch(table, column_mapping(str(metadata), table.schema, params), params)  # one partition
