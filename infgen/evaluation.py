@@ -1,7 +1,7 @@
 """Evaluation core, plain PyTorch: the decoders compared, the output size per resolution, and the
 accumulator one evaluation worker fills.
 
-pipelines/evaluate.py runs one `EvalAccumulator` per Ray actor over its share of the data and merges them
+pipelines/evaluate/ runs one `EvalAccumulator` per Ray actor over its share of the data and merges them
 (statistics are float64 sums, samples are priority-bounded, so merging is exact whatever the split).
 
 At a resolution R (the long side), each sample is decoded to (H, W) with the long side R and the aspect of

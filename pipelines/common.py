@@ -152,6 +152,12 @@ def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
     publish(fs, staged, path)
 
 
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a (small) file whole: results, plots, cached statistics."""
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 def mark_success(fs: pafs.FileSystem, directory: str) -> None:
     with fs.open_output_stream(f"{directory}/{SUCCESS}") as f:
         f.write(b"")

@@ -5,7 +5,7 @@
 
 Inputs are latent files (.pt, .npy, .safetensors with (C, h, w) or (B, C, h, w), as `infgen decode` takes them:
 infgen.io.read_latents) in a directory (recursively), a glob or a URI (s3://...). Each actor loads the model once
-(an exported directory, a checkpoint, or an MLflow runs:/ or models:/ URI: pipelines.evaluate.load_model) and
+(an exported directory, a checkpoint, or an MLflow runs:/ or models:/ URI: pipelines.evaluate.model.load_model) and
 takes one file at a time: it decodes every latent at every size and writes the images itself,
 `<output>/<input's relative dir>/<stem>[_<i>]_<W>x<H>.<format>`, then a completion marker for that file. The
 driver holds the file list and one stats row per file, never an image. A rerun skips files whose marker exists;
@@ -94,7 +94,7 @@ class FileDecoder:
                  out_fs: pafs.FileSystem) -> None:
         import torch
 
-        from pipelines.evaluate import load_model
+        from pipelines.evaluate.model import load_model
 
         self.cfg, self.in_fs, self.out_fs = cfg, in_fs, out_fs
         self.device = torch.device("cuda" if cfg.workers.num_gpus and torch.cuda.is_available() else "cpu")
