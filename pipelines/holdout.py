@@ -1,11 +1,13 @@
-"""The train/evaluation split: which images training leaves out and the evaluation scores."""
+"""The train/evaluation split: which images training leaves out and the evaluation scores (Holdout), and the
+record of it that training keeps with the model (HoldoutRecord, `holdout.json`)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional, Sequence
 from urllib.parse import urlsplit
 
 from pipelines.config import dataclass_from
@@ -93,3 +95,83 @@ class Holdout:
         listed = hashlib.sha256("\n".join(sorted(self.listed)).encode()).hexdigest()[:12]
         return (f"fraction {self.fraction} seed {self.seed}"
                 + (f", {len(self.listed)} URLs listed in {self.urls} (sha256 {listed})" if self.listed else ""))
+
+    def keys_in(self, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]]) -> list[str]:
+        """Keys of the rows this split holds out, in file order; `files`: each shard's (keys, urls), as
+        pipelines.shards.key_urls reads them."""
+        return [k for keys, urls in files for k, u in zip(keys, urls) if self.held_out(u)]
+
+
+# ---- the split recorded with a model ------------------------------------------------------------------------
+
+RECORD = "holdout.json"  # in an exported model's directory and a training run's: the split it was trained with
+
+
+def rows_fingerprint(keys: Sequence[str], urls: Sequence[Optional[str]]) -> str:
+    """A shard's rows as the split sees them, (key, url) in file order, hashed: the same for the same images in
+    the same shard, however their crops were encoded or wherever the file was copied."""
+    h = hashlib.sha256()
+    for key, url in zip(keys, urls):
+        h.update(f"{key}\0{url or ''}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class HoldoutRecord:
+    """The split a model was trained with and the data it split: training writes it as RECORD next to the
+    exported model (and in its MLflow run); the evaluation reads it to score only rows the model never trained
+    on. The listed URLs travel in it, so the split is known without its `urls` file."""
+
+    holdout: Holdout  # its URL list read
+    data: str  # the training data as configured
+    shard_fingerprints: tuple[str, ...]  # rows_fingerprint of each shard trained from, in file order
+    rows: int
+    held_out_rows: int
+    sample_keys: tuple[str, ...] = ()  # the sample grid's rows: never trained on either
+
+    @classmethod
+    def build(cls, holdout: Holdout, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
+              sample_keys: Sequence[str] = ()) -> "HoldoutRecord":
+        """The record of training on `files` (each shard's (keys, urls)) with `holdout` (its list read)."""
+        return cls(holdout, data, tuple(rows_fingerprint(keys, urls) for keys, urls in files),
+                   sum(len(keys) for keys, _ in files), len(holdout.keys_in(files)), tuple(sample_keys))
+
+    @property
+    def data_fingerprint(self) -> str:
+        """The training data's fingerprint: its shards' fingerprints, hashed."""
+        return hashlib.sha256("\n".join(self.shard_fingerprints).encode()).hexdigest()[:16]
+
+    def trained_keys(self, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
+                     among: Collection[str]) -> list[str]:
+        """Keys in `among` of rows the model trained on: rows of a shard it was trained from (the same
+        fingerprint) that its split does not hold out and that were not its sample grid's. Rows of other data
+        are not known to it and never count."""
+        trained_shards, samples = set(self.shard_fingerprints), set(self.sample_keys)
+        return [k for keys, urls in files if rows_fingerprint(keys, urls) in trained_shards
+                for k, u in zip(keys, urls) if k in among and k not in samples and not self.holdout.held_out(u)]
+
+    def params(self) -> dict[str, Any]:
+        """MLflow params beside the config's holdout.fraction / seed / urls."""
+        return {"holdout.data_fingerprint": self.data_fingerprint, "holdout.rows": self.rows,
+                "holdout.held_out_rows": self.held_out_rows, "holdout.listed_urls": len(self.holdout.listed)}
+
+    def write(self, directory: str | Path) -> Path:
+        """RECORD in `directory` (created if needed); returns its path."""
+        path = Path(directory) / RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"holdout": asdict(self.holdout), "listed_urls": sorted(self.holdout.listed), "data": self.data,
+                  "data_fingerprint": self.data_fingerprint, "shard_fingerprints": list(self.shard_fingerprints),
+                  "rows": self.rows, "held_out_rows": self.held_out_rows, "sample_keys": list(self.sample_keys)}
+        path.write_text(json.dumps(record, indent=2))
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "HoldoutRecord":
+        """A RECORD file. Raises ValueError naming the file when it is not one."""
+        try:
+            record = json.loads(Path(path).read_text())
+            holdout = dataclass_from(Holdout, record["holdout"])._with_listed(frozenset(record["listed_urls"]))
+            return cls(holdout, record["data"], tuple(record["shard_fingerprints"]), int(record["rows"]),
+                       int(record["held_out_rows"]), tuple(record["sample_keys"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a holdout record ({type(e).__name__}: {e})") from None

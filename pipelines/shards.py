@@ -247,14 +247,20 @@ def last_rows(fs: pafs.FileSystem, paths: Sequence[str], count: int) -> tuple[li
     return table.column("key").to_pylist(), latents(table), table.column("hr").to_pylist()
 
 
+def key_urls(fs: pafs.FileSystem, paths: Sequence[str]) -> list[tuple[list[str], list[Optional[str]]]]:
+    """Each shard's (keys, urls), in file order: what the train/evaluation split reads (reads only those two
+    columns)."""
+    files = []
+    for path in paths:
+        table = read_rows(fs, [path], ["key", "url"])
+        files.append((table.column("key").to_pylist(), table.column("url").to_pylist()))
+    return files
+
+
 def held_out_keys(fs: pafs.FileSystem, paths: Sequence[str], holdout: Holdout) -> list[str]:
-    """Keys of the rows that `holdout` holds out (by their url), in file order; reads only key and url, and
-    nothing when nothing is held out."""
-    if not holdout or not paths:
-        return []
-    table = read_rows(fs, paths, ["key", "url"])
-    return [k for k, u in zip(table.column("key").to_pylist(), table.column("url").to_pylist())
-            if holdout.held_out(u)]
+    """Keys of the rows that `holdout` (its URL list read) holds out, by their url, in file order; reads only
+    key and url, and nothing when nothing is held out."""
+    return holdout.keys_in(key_urls(fs, paths)) if holdout and paths else []
 
 
 def training_dataset(fs: pafs.FileSystem, paths: Sequence[str], exclude: Sequence[str]) -> "ray.data.Dataset":

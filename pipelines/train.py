@@ -34,7 +34,7 @@ from infgen.vae import load_vae
 from pipelines import checkpoint, shards
 from pipelines.common import resolve_files, verbose
 from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
-from pipelines.holdout import Holdout
+from pipelines.holdout import RECORD, Holdout, HoldoutRecord
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class Progress:
 def train_loop(loop: dict) -> None:
     """One Ray Train worker's loop. `loop`: the checked TrainConfig (`config`), and what the driver adds:
     `run_dir`, `lineage` (MLflow tags), `parent_run_id`, `verbose`, the sample grid's rows (`sample_latents`
-    (n, C, h, w), `sample_hr` encoded crops)."""
+    (n, C, h, w), `sample_hr` encoded crops), the split's `holdout_record`."""
     import ray.train
     import ray.train.torch
 
@@ -346,12 +346,17 @@ def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], me
 
 
 def export(loop: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) -> None:
-    """The EMA model to <run_dir>/model, logged and registered in MLflow (one version per trained model: an
-    export of the same step and config as the last registers nothing), then EXPORTED."""
+    """The EMA model to <run_dir>/model with its holdout record (RECORD, also the MLflow run's artifact and
+    params), logged and registered in MLflow (one version per trained model: an export of the same step and
+    config as the last registers nothing), then EXPORTED."""
     run_dir = Path(loop["run_dir"])
     model_dir = run_dir / "model"
     trainer.ema.save_pretrained(model_dir)
-    print(f"[train] exported the EMA model to {model_dir}", flush=True)
+    record = loop["holdout_record"]
+    tracker.log_artifact(record.write(model_dir))  # before the MLflow model, which then carries it too
+    tracker.log_params(record.params())
+    print(f"[train] exported the EMA model to {model_dir} (with {RECORD}: {record.held_out_rows} of {record.rows} "
+          f"rows held out, {record.holdout.describe()})", flush=True)
     last = json.loads((run_dir / EXPORTED).read_text()) if (run_dir / EXPORTED).is_file() else {}
     done = {"step": trainer.step, "config_hash": loop["lineage"]["infgen.config_hash"], "run_id": tracker.run_id}
     name = loop["config"].mlflow.registered_model_name
@@ -472,10 +477,12 @@ class SampleGrid:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
-def excluded_keys(fs, paths: list[str], holdout: Holdout, sample_keys: list[str]) -> list[str]:
-    """The rows training never reads: the sample grid's rows and every row `holdout` (its URL list read) holds
-    out: the evaluation's images, selected by the same Holdout as the evaluation selects them."""
-    held = shards.held_out_keys(fs, paths, holdout)
+def excluded_keys(files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]], holdout: Holdout,
+                  sample_keys: list[str]) -> list[str]:
+    """The rows training never reads, of `files` (each shard's (keys, urls): shards.key_urls): the sample grid's
+    rows and every row `holdout` (its URL list read) holds out: the evaluation's images, selected by the same
+    Holdout as the evaluation selects them."""
+    held = holdout.keys_in(files)
     if holdout:
         print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
     return sample_keys + held
@@ -498,7 +505,10 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     fs, paths = resolve_files(cfg.data, suffix=".parquet")
     # the sample grid's rows: never trained on, decoded in every sample grid
     keys, latents, hr = shards.last_rows(fs, paths, cfg.samples.count)
-    dataset = shards.training_dataset(fs, paths, excluded_keys(fs, paths, cfg.holdout.read(), keys))
+    files, holdout = shards.key_urls(fs, paths), cfg.holdout.read()
+    dataset = shards.training_dataset(fs, paths, excluded_keys(files, holdout, keys))
+    # the split this model is trained with, kept with it: the evaluation scores only rows it never trained on
+    record = HoldoutRecord.build(holdout, cfg.data, files, keys)
 
     # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
     cfg = replace(cfg, model={"scaling_factor": load_vae(cfg.vae).scaling_factor, **cfg.model})
@@ -512,8 +522,10 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
             "parent_run_id": os.environ.get(PARENT_RUN_ENV),  # Ray workers do not see the driver's env
             "lineage": {"infgen.stage": "train", "infgen.input": cfg.data, "infgen.output": run_dir,
                         "infgen.config_hash": config_hash(shaping)},
-            "sample_latents": latents, "sample_hr": hr}
+            "sample_latents": latents, "sample_hr": hr, "holdout_record": record}
     check_resume(run_dir, resume_shape(cfg))
+    if "://" not in run_dir:  # beside the checkpoints too: a checkpoint evaluated as a model finds it
+        record.write(run_dir)
     finished = finished_run(run_dir, train.steps, loop["lineage"]["infgen.config_hash"])
     if finished:
         print(f"[train] {run_dir} finished {train.steps} steps with this config already: nothing to "

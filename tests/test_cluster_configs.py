@@ -127,12 +127,19 @@ def test_stage2_starts_from_stage1():
 
 
 def test_evaluation_holdout_matches_training():
-    """The images the evaluation scores must be the ones both training stages held out."""
-    holdouts = [plain_config(OmegaConf.load(CLUSTER / f"train_stage{i}.yaml")).get("holdout") for i in (1, 2)]
-    assert holdouts[0] == holdouts[1]
-    evaluate = CLUSTER / "evaluate.yaml"
-    if evaluate.exists() and "holdout" in (cfg := plain_config(OmegaConf.load(evaluate))):
-        assert cfg["holdout"] == holdouts[0]
+    """The images the evaluation scores must be the ones both training stages held out: both stages hold out the
+    same images (a split, not nothing), and the evaluation reads the split from the stage-2 model's record, never
+    scoring a row it trained on."""
+    from pipelines.evaluate import EvalConfig
+    from pipelines.train import TrainConfig
+
+    data = "/mnt/shared/infgen/data/encoded/0123456789abcdef"
+    stage1, stage2 = (dataclass_from(TrainConfig, load_job_config(CLUSTER / f"train_stage{i}.yaml", [f"data={data}"]))
+                      for i in (1, 2))
+    assert stage1.holdout == stage2.holdout and stage1.holdout.fraction > 0
+    evaluation = dataclass_from(EvalConfig, load_job_config(CLUSTER / "evaluate.yaml", [f"data={data}"]))
+    assert evaluation.holdout is None and not evaluation.allow_trained_rows  # the model's record of its split
+    assert evaluation.model == f"{stage2.output}/{stage2.name}/model" and evaluation.data_kind == "encoded"
 
 
 @pytest.mark.parametrize("cluster, local", [("filter", "data/filter"), ("download", "data/download"),

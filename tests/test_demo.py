@@ -54,6 +54,9 @@ def test_demo_runs_every_stage_under_one_parent_run(ray_local, tmp_path, capsys)
     with open(Path(result.stages["evaluate"].output) / "per_image.csv") as f:
         scored = {row["key"] for row in csv.DictReader(f)}
     assert len(scored) == 4 and {file_of[k] for k in scored} <= held
+    # the evaluation took the split from the trained model's record (holdout.json), and it scored no trained row
+    split = result.stages["evaluate"].stats["holdout"]
+    assert (split["source"], split["trained_rows"]) == ("model record", 0) and "URLs listed" in split["split"]
     out = capsys.readouterr().out
     assert "Open the UI:" in out and "mlflow server --backend-store-uri sqlite:///" in out
     assert "fidp" in out and "vae_bicubic" in out

@@ -265,14 +265,14 @@ def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
     from pipelines.holdout import Holdout
-    from pipelines.shards import held_out_keys
+    from pipelines.shards import held_out_keys, key_urls
     from pipelines.train import excluded_keys
 
     fs, paths = resolve_files(str(encoded))
     holdout = Holdout.from_config({"fraction": 0.5, "seed": 3})
     keys = held_out_keys(fs, paths, holdout)
     assert 0 < len(keys) < 8
-    assert excluded_keys(fs, paths, holdout, []) == keys
+    assert excluded_keys(key_urls(fs, paths), holdout, []) == keys
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": {"fraction": 0.5, "seed": 3}})
     assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
@@ -293,6 +293,7 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
     from pipelines.holdout import Holdout
+    from pipelines.shards import key_urls
     from pipelines.train import excluded_keys
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos, as the encode stage writes crops_per_image=2
@@ -309,7 +310,7 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
     assert len(held) == 2
 
-    excluded = excluded_keys(fs, paths, Holdout.from_config(section), ["sample-row"])
+    excluded = excluded_keys(key_urls(fs, paths), Holdout.from_config(section), ["sample-row"])
     training = set(url_of) - set(excluded)
     assert held <= set(excluded) and not held & training and len(training) == 6
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
@@ -326,6 +327,57 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     with pytest.raises(ValueError, match="unknown keys \\['holdout.files'\\]"):
         dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": "x", "output": "x",
                                  "holdout": {"files": "a.txt"}})
+
+
+def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pairs, model_dir, tmp_path, caplog):
+    """The evaluation's default holdout (null) is the split the model was trained with, from the record training
+    writes into the model (holdout.json); rows the model trained on are refused, naming the model and the count,
+    unless allow_trained_rows; the same images copied elsewhere are still the ones it trained on, other images
+    never count; a model without a record scores the rows as selected, with a logged warning."""
+    import logging
+    import shutil
+
+    from pipelines.common import resolve_files
+    from pipelines.evaluate import plan
+    from pipelines.holdout import RECORD, Holdout, HoldoutRecord
+    from pipelines.shards import held_out_keys, key_urls
+
+    latents, hr = pairs  # 8 crops: 2 of each of 4 photos
+    urls = [f"http://127.0.0.1:18765/photo{i // 2}.jpg" for i in range(len(latents))]
+    encoded = write_encoded_shards(tmp_path / "encoded", latents, hr, urls=urls)
+    fs, paths = resolve_files(str(encoded))
+    (tmp_path / "held.txt").write_text("http://127.0.0.1:18765/photo1.jpg\n")
+    split = Holdout.from_config({"urls": str(tmp_path / "held.txt")})  # a split by file, as the demo's
+    held = sorted(held_out_keys(fs, paths, split))
+    assert len(held) == 2
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    HoldoutRecord.build(split, str(encoded), key_urls(fs, paths)).write(model)  # what training writes
+
+    def planned(data=encoded, **overrides):
+        p = plan(dataclass_from(EvalConfig, {"model": str(model), "decoders": ["infgen", "vae_bicubic"],
+                                             "data": str(data), "output": "x", **overrides}))
+        return sorted(k for unit in p.units for k in unit["keys"]), p
+
+    (tmp_path / "held.txt").unlink()  # the record carries the listed URLs: the file is not needed any more
+    keys, p = planned()  # holdout: null, the model's record of its split
+    assert keys == held and (p.holdout_source, p.trained_rows) == ("model record", 0)
+    with pytest.raises(ValueError, match=r"was trained on 6 of the 8 rows selected for evaluation \(its holdout.json"):
+        planned(holdout={"fraction": 0.0})  # a split of its own that holds nothing out: every row
+    for data in (encoded, shutil.copytree(encoded, tmp_path / "copy")):  # a copy holds the same images
+        with pytest.raises(ValueError, match=rf"model {model} was trained on {8 - len(held)} of the 8 rows selected"):
+            planned(data, holdout={})  # {}: every row
+    keys, p = planned(holdout={}, allow_trained_rows=True)
+    assert len(keys) == 8 and p.trained_rows == 8 - len(held)
+    other = write_encoded_shards(tmp_path / "other", latents, hr, urls=[u.replace("photo", "new") for u in urls])
+    assert len(planned(other, holdout={})[0]) == 8  # images the model never saw: nothing to refuse
+
+    (model / RECORD).unlink()
+    with caplog.at_level(logging.WARNING, logger="pipelines.evaluate.plan"):
+        keys, p = planned(holdout={})
+    assert len(keys) == 8 and p.holdout_source == "config"
+    assert f"model {model} has no holdout record" in caplog.text
+    assert len(planned()[0]) == 8 and planned()[1].holdout_source == "none"  # and no split: every row
 
 
 def test_ground_truth_is_never_upsampled_when_told(tiny_vae, pairs):

@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 from infgen.data import photo_pairs
 from infgen.models import InfGen
 from pipelines.checkpoint import STATE_FILE
+from pipelines.common import resolve_files
+from pipelines.holdout import RECORD, Holdout, HoldoutRecord
+from pipelines.shards import key_urls
 from pipelines.sample_data import write_encoded_shards
 from pipelines.train import build_model, run_train
 
@@ -88,6 +91,12 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
     model = InfGen.from_pretrained(result.model_dir)
     assert model.decode(torch.randn(1, 4, 16, 16), (96, 160)).shape == (1, 3, 96, 160)
     assert model.config.scaling_factor == tiny_vae.scaling_factor  # the latent space it was trained in
+    # the split it was trained with, kept with the model and beside its checkpoints (the evaluation reads it)
+    record = HoldoutRecord.read(Path(result.model_dir) / RECORD)
+    fs, paths = resolve_files(str(encoded))
+    assert record.holdout == Holdout() and record.held_out_rows == 0 and record.data == str(encoded)
+    assert record.rows == sum(len(keys) for keys, _ in key_urls(fs, paths)) and len(record.sample_keys) == 2
+    assert HoldoutRecord.read(tmp_path / "train" / cfg.name / RECORD) == record
 
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(result.run_id, "loss")
@@ -98,6 +107,8 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
     run = client.get_run(result.run_id)
     assert {"samples_per_s", "lr", "grad_norm", "sample_psnr_128x128", "baseline_psnr_128x128"} <= set(run.data.metrics)
     assert run.data.params["train.num_workers"] == "2" and run.data.tags["infgen.stage"] == "train"
+    assert run.data.params["holdout.data_fingerprint"] == record.data_fingerprint
+    assert RECORD in {a.path for a in client.list_artifacts(result.run_id)}
     samples = [a.path for a in client.list_artifacts(result.run_id, "samples")]
     assert {"samples/samples_step0000010.png", "samples/samples_step0000020.png",
             "samples/samples_step0000024.png"} <= set(samples)  # sample_every need not be a multiple of log_every

@@ -51,8 +51,10 @@ class EvalConfig:
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples at each resolution (encoded rows of the smallest key
     #   hashes whose ground truth reaches it: see `select`) or latent files
-    holdout: Holdout = field(default_factory=Holdout)  # only the images training held out with the same section
-    #   (pipelines.holdout.Holdout: listed URLs and/or a URL-hash fraction); neither: every row
+    holdout: Optional[Holdout] = None  # which rows (data_kind=encoded): null, the model's record of the split it
+    #   was trained with (holdout.json, pipelines.holdout.HoldoutRecord); or a split of its own (listed URLs and/or a
+    #   URL-hash fraction; neither: every row)
+    allow_trained_rows: bool = False  # score rows the model's record says it trained on (refused otherwise)
     name: str = "eval"
     resolutions: list = field(default_factory=lambda: [512, 1024])  # long side in pixels
     upsample_truth: bool = True  # False: every number compares with real pixels: with a `limit`, each resolution

@@ -1,5 +1,6 @@
-"""What an evaluation's (and batch decoding's) `model` names, turned into the model: an exported directory, a
-training checkpoint, an MLflow model directory, or an MLflow runs:/ or models:/ URI."""
+"""What an evaluation's (and batch decoding's) `model` names, turned into the model and what training recorded
+with it: an exported directory, a training checkpoint, an MLflow model directory, or an MLflow runs:/ or models:/
+URI."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Optional
 
 from infgen.models import WEIGHTS_NAME, InfGen
 from pipelines import checkpoint
+from pipelines.holdout import RECORD, HoldoutRecord
 
 
-def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
-    """An exported model directory, a training checkpoint directory (its EMA weights), an MLflow model
-    directory, or an MLflow runs:/…/model or models:/name/version (or @alias) URI (downloaded first)."""
+def model_directory(source: str, tracking_uri: Optional[str] = None) -> Path:
+    """The local directory of a model: `source` itself, or what an MLflow runs:/…/model or models:/name/version
+    (or @alias) URI downloads to; for an MLflow model directory, its infgen artifact (infgen/pyfunc.py)."""
     if source.startswith(("runs:/", "models:/")):
         import mlflow
 
@@ -27,12 +29,31 @@ def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
         from infgen.pyfunc import ARTIFACT
 
         path = path / Model.load(str(path)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
+    return path
+
+
+def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
+    """An exported model directory, a training checkpoint directory (its EMA weights), an MLflow model
+    directory, or an MLflow runs:/…/model or models:/name/version (or @alias) URI (downloaded first). Raises
+    ValueError for anything else."""
+    path = model_directory(source, tracking_uri)
     if (path / WEIGHTS_NAME).is_file():
         return InfGen.from_pretrained(path)
     if checkpoint.is_checkpoint(path):
         return checkpoint.load_model(path)
     raise ValueError(f"model {source}: neither an exported model ({WEIGHTS_NAME}) nor a training checkpoint "
                      f"({checkpoint.STATE_FILE}), nor an MLflow runs:/ or models:/ URI")
+
+
+def holdout_record(source: str, tracking_uri: Optional[str] = None) -> Optional[HoldoutRecord]:
+    """The split the model was trained with (pipelines.holdout.RECORD, which training writes into the exported
+    model, and so into its MLflow model, and beside its checkpoints), or None for a model without one. Raises
+    ValueError for a record that does not read."""
+    path = model_directory(source, tracking_uri)
+    for candidate in (path / RECORD, path.parent / RECORD if checkpoint.is_checkpoint(path) else None):
+        if candidate is not None and candidate.is_file():
+            return HoldoutRecord.read(candidate)
+    return None
 
 
 def exported_record(model: Optional[str]) -> Optional[dict]:

@@ -31,6 +31,7 @@ def write_outputs(cfg: EvalConfig, fs: pafs.FileSystem, out_dir: str, rows: list
         "rows": rows, "protocol": cfg.patches.to_dict(), "extractor": extractor_id(cfg), "lpips": lpips_note,
         "resolutions": cfg.resolutions, "decoders": cfg.decoders, "model": cfg.model, "data": cfg.data,
         "data_kind": cfg.data_kind, "samples": p.samples, "reference_files": len(p.reference_files),
+        "holdout": {"split": p.holdout, "source": p.holdout_source, "trained_rows": p.trained_rows},
         "broken_reference_images": int(summary["counts"].get((REFERENCE, 0), {}).get("broken", 0)),
         "reference_cached": reference_cached, "seconds": seconds, "definitions": DEFINITIONS}
     write_json(fs, f"{out_dir}/results.json", results)

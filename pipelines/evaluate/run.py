@@ -45,14 +45,17 @@ def run_evaluate(config: EvalConfig | Mapping[str, Any]) -> StageResult:
     cache_fs, cache_root = reference_cache_root(cfg)
     cache = {res: reference_cache_path(cfg, cache_root, res, data_fp) for res in cfg.resolutions}
     cached = all(reference_is_cached(cache_fs, path) for path in cache.values())
-    print(f"[evaluate] {p.samples} samples in {len(p.units)} units, resolutions {cfg.resolutions}, decoders "
-          f"{cfg.decoders}; reference statistics {'cached' if cached else 'computed in this run'}", flush=True)
+    print(f"[evaluate] {p.samples} samples in {len(p.units)} units"
+          + (f" (holdout from the {p.holdout_source}: {p.holdout})" if p.holdout_source else "")
+          + f", resolutions {cfg.resolutions}, decoders {cfg.decoders}; reference statistics "
+          f"{'cached' if cached else 'computed in this run'}", flush=True)
 
     lineage = {"infgen.stage": "evaluate", "infgen.input": cfg.data, "infgen.output": where,
                "infgen.model": str(cfg.model), "infgen.config_hash": config_hash(params)}
     with cfg.mlflow.tracker(cfg.name, tags=lineage, system_metrics=True) as tracker:
         tracker.log_params({**params, **cfg.patches.to_dict(), "extractor_id": extractor_id(cfg),
-                            "lpips_status": lpips_note, "samples": p.samples, "workers": asdict(cfg.workers)})
+                            "lpips_status": lpips_note, "samples": p.samples, "workers": asdict(cfg.workers),
+                            "holdout_source": p.holdout_source, "trained_rows": p.trained_rows})
         actors = evaluate_units(cfg, p.units + ([] if cached else p.reference_units), not cached,
                                 lpips_note == "pretrained", p.grid_keys, p.aspect)
         rows, summary = collect(cfg, actors, cache_fs, cache, cached)
