@@ -93,6 +93,23 @@ class FrozenVAE(nn.Module):
         return self.autoencoder.decode(z).sample.float().clamp(-1, 1)
 
 
+def vae_config(name_or_path: Union[str, Path], subfolder: Optional[str] = None) -> tuple[str, dict]:
+    """(local source, config) of a diffusers AutoencoderKL without its weights: latent_channels, block_out_channels
+    (the ×2^(levels-1) scale), scaling_factor (absent in old configs: SD's 0.18215, as diffusers assumes). An
+    offline VAE (OFFLINE_VAES) is fitted first if it is not cached. Raises ValueError naming the source when its
+    config cannot be read."""
+    from diffusers import AutoencoderKL
+
+    source = str(materialise_offline_vae(str(name_or_path))) if str(name_or_path) in OFFLINE_VAES else str(name_or_path)
+    try:
+        config = dict(AutoencoderKL.load_config(source, subfolder=subfolder))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"vae={str(name_or_path)!r} could not be loaded ({e}). Offline, pass a local diffusers "
+                         f"directory or an offline VAE ({', '.join(sorted(OFFLINE_VAES))}).") from None
+    config.setdefault("scaling_factor", 0.18215)
+    return source, config
+
+
 def load_vae(name_or_path: Union[str, Path], subfolder: Optional[str] = None,
              dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> FrozenVAE:
     """Load a diffusers AutoencoderKL: a hub id, a local directory (optionally its `subfolder`, e.g. "vae"

@@ -369,21 +369,17 @@ def remove_partial_files(fs: pafs.FileSystem, directory: str) -> int:
 def resolve_vae(cfg: EncodeConfig) -> tuple[str, tuple[int, int, int], float]:
     """(local source, latent shape, scaling factor), read from the VAE's config without its weights. An offline VAE is
     fitted here, once, before any actor starts: the actors (on this machine) then find it cached."""
-    from diffusers import AutoencoderKL
+    from infgen.vae import vae_config
 
-    from infgen.vae import OFFLINE_VAES, materialise_offline_vae
-
-    source = str(materialise_offline_vae(cfg.vae)) if cfg.vae in OFFLINE_VAES else cfg.vae
     try:
-        config = AutoencoderKL.load_config(source, subfolder=cfg.vae_subfolder)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"encode config: vae={cfg.vae!r} could not be loaded ({e}). Offline, pass a local "
-                         f"diffusers directory or an offline VAE ({', '.join(sorted(OFFLINE_VAES))}).") from None
+        source, config = vae_config(cfg.vae, cfg.vae_subfolder)
+    except ValueError as e:
+        raise ValueError(f"encode config: {e}") from None
     scale = 2 ** (len(config["block_out_channels"]) - 1)
     if cfg.input_size % scale:
         raise ValueError(f"encode config: input_size={cfg.input_size} is not a multiple of the VAE's {scale}× scale")
     side = cfg.input_size // scale
-    return source, (int(config["latent_channels"]), side, side), float(config.get("scaling_factor", 0.18215))
+    return source, (int(config["latent_channels"]), side, side), float(config["scaling_factor"])
 
 
 def read_tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[dict]:

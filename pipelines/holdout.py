@@ -45,12 +45,6 @@ class Holdout:
         object.__setattr__(self, "urls", self.urls or None)
         object.__setattr__(self, "_listed", None)  # url_id of each URL in `urls`, once read
 
-    @classmethod
-    def from_config(cls, section: Any) -> "Holdout":
-        """The split a `holdout` section ({fraction, seed, urls}; missing keys default; None: nothing held out)
-        describes, its URL file read. Raises ValueError naming the key, or the URL file, that is wrong."""
-        return dataclass_from(cls, section or {}).read()
-
     def read(self) -> "Holdout":
         """This split with its URL file read (a copy; itself when it lists none). Raises ValueError when the
         file is missing or lists no URL."""
@@ -133,8 +127,7 @@ class HoldoutRecord:
     def build(cls, holdout: Holdout, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
               sample_keys: Sequence[str] = ()) -> "HoldoutRecord":
         """The record of training on `files` (each shard's (keys, urls)) with `holdout` (its list read)."""
-        return cls(holdout, data, tuple(rows_fingerprint(keys, urls) for keys, urls in files),
-                   sum(len(keys) for keys, _ in files), len(holdout.keys_in(files)), tuple(sample_keys))
+        return training_split(holdout, data, files, sample_keys)[1]
 
     @property
     def data_fingerprint(self) -> str:
@@ -175,3 +168,14 @@ class HoldoutRecord:
                        int(record["held_out_rows"]), tuple(record["sample_keys"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a holdout record ({type(e).__name__}: {e})") from None
+
+
+def training_split(holdout: Holdout, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
+                   sample_keys: Sequence[str]) -> tuple[list[str], HoldoutRecord]:
+    """What training on `files` (each shard's (keys, urls), pipelines.shards.key_urls) with `holdout` (its URL list
+    read) leaves out, and the record of it: (the keys training never reads: the sample grid's rows, then every row
+    the split holds out, in file order; the HoldoutRecord). Each URL is hashed once."""
+    held = holdout.keys_in(files)
+    record = HoldoutRecord(holdout, data, tuple(rows_fingerprint(keys, urls) for keys, urls in files),
+                           sum(len(keys) for keys, _ in files), len(held), tuple(sample_keys))
+    return list(sample_keys) + held, record

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from infgen.images import to_rgb
-from pipelines.common import publish, staging_path
+from pipelines.common import STATS, publish, read_json, staging_path
 from pipelines.holdout import Holdout
 
 if TYPE_CHECKING:
@@ -255,6 +255,20 @@ def key_urls(fs: pafs.FileSystem, paths: Sequence[str]) -> list[tuple[list[str],
         table = read_rows(fs, [path], ["key", "url"])
         files.append((table.column("key").to_pylist(), table.column("url").to_pylist()))
     return files
+
+
+def recorded_latent_space(fs: pafs.FileSystem, paths: Sequence[str]) -> Optional[dict]:
+    """What the encode stage recorded of these shards' latent space (its STATS file beside them): {"vae": the
+    config's vae, "scaling_factor", "latent_shape"}; None when the shards are not one encode output's (several
+    directories, no record, or one from before it was recorded)."""
+    directories = {path.rsplit("/", 1)[0] for path in paths}
+    if len(directories) != 1:
+        return None
+    path = f"{directories.pop()}/{STATS}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    stats = read_json(fs, path)
+    return {k: stats[k] for k in ("vae", "scaling_factor", "latent_shape")} if "scaling_factor" in stats else None
 
 
 def held_out_keys(fs: pafs.FileSystem, paths: Sequence[str], holdout: Holdout) -> list[str]:

@@ -29,12 +29,12 @@ from infgen.images import resize
 from infgen.losses import InfGenLoss, LossConfig
 from infgen.models import INFGEN_PRESETS, WEIGHTS_NAME, InfGen, InfGenConfig
 from infgen.training import InfGenTrainer, OptimConfig, unwrap
-from infgen.vae import load_vae
+from infgen.vae import load_vae, vae_config
 
 from pipelines import checkpoint, shards
 from pipelines.common import resolve_files, verbose
 from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
-from pipelines.holdout import RECORD, Holdout, HoldoutRecord
+from pipelines.holdout import RECORD, Holdout, training_split
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -477,17 +477,6 @@ class SampleGrid:
 # ---- the driver -----------------------------------------------------------------------------------------------
 
 
-def excluded_keys(files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]], holdout: Holdout,
-                  sample_keys: list[str]) -> list[str]:
-    """The rows training never reads, of `files` (each shard's (keys, urls): shards.key_urls): the sample grid's
-    rows and every row `holdout` (its URL list read) holds out: the evaluation's images, selected by the same
-    Holdout as the evaluation selects them."""
-    held = holdout.keys_in(files)
-    if holdout:
-        print(f"[train] {len(held)} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
-    return sample_keys + held
-
-
 def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     """Train as configured (conf/train/*.yaml); rerunning with the same output and name resumes. `config`: a
     TrainConfig, or a mapping checked into one (ValueError naming the key, before any worker starts)."""
@@ -505,13 +494,21 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     fs, paths = resolve_files(cfg.data, suffix=".parquet")
     # the sample grid's rows: never trained on, decoded in every sample grid
     keys, latents, hr = shards.last_rows(fs, paths, cfg.samples.count)
-    files, holdout = shards.key_urls(fs, paths), cfg.holdout.read()
-    dataset = shards.training_dataset(fs, paths, excluded_keys(files, holdout, keys))
-    # the split this model is trained with, kept with it: the evaluation scores only rows it never trained on
-    record = HoldoutRecord.build(holdout, cfg.data, files, keys)
+    # the split this model is trained with, kept with it (record): the evaluation scores only rows it never trained on
+    holdout = cfg.holdout.read()
+    excluded, record = training_split(holdout, cfg.data, shards.key_urls(fs, paths), keys)
+    if holdout:
+        print(f"[train] {record.held_out_rows} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
+    dataset = shards.training_dataset(fs, paths, excluded)
 
-    # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users
-    cfg = replace(cfg, model={"scaling_factor": load_vae(cfg.vae).scaling_factor, **cfg.model})
+    # the exported model records the latent space it learnt, for decode(..., scaled=False) and for users: as the
+    # encode stage recorded it, else from the VAE's config (never its weights: the driver needs one number)
+    space = shards.recorded_latent_space(fs, paths)
+    if space and space["vae"] != cfg.vae:
+        print(f"[train] note: {cfg.data} was encoded with vae={space['vae']!r}, the config says vae={cfg.vae!r} "
+              f"(the sample grid's baseline); the model records the data's scaling factor", flush=True)
+    scaling_factor = space["scaling_factor"] if space else vae_config(cfg.vae)[1]["scaling_factor"]
+    cfg = replace(cfg, model={"scaling_factor": scaling_factor, **cfg.model})
 
     storage = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     run_dir = os.path.join(storage, cfg.name)

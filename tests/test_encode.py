@@ -109,6 +109,22 @@ def test_counts_every_skip_reason_exactly(first_run, shards):
     assert not result.skipped and result.run_id
 
 
+def test_the_output_records_its_latent_space_for_training(first_run, shards, tiny_vae):
+    """Training reads the scaling factor its model records from here, without loading the VAE's weights;
+    shards that are not one encode output's have no record."""
+    from pipelines.common import resolve_files
+    from pipelines.shards import recorded_latent_space
+
+    _, result = first_run
+    fs, paths = resolve_files(result.output)
+    assert recorded_latent_space(fs, paths) == {"vae": "tiny", "scaling_factor": tiny_vae.scaling_factor,
+                                                "latent_shape": [4, SIZE // 8, SIZE // 8]}
+    directory, _ = shards
+    other = resolve_files(str(directory), suffix=".tar")
+    assert recorded_latent_space(*other) is None
+    assert recorded_latent_space(fs, paths + [str(directory / "elsewhere.parquet")]) is None
+
+
 def test_rows_hold_latent_crop_and_metadata(first_run, shards):
     cfg, result = first_run
     _, keys = shards

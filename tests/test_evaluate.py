@@ -259,20 +259,26 @@ def test_generation_from_latent_files_against_reference_images(ray_local, model_
     assert (Path(result.output) / "metrics_vs_resolution.png").stat().st_size > 10_000
 
 
+def read_split(section: dict):
+    """The Holdout a config section describes, its URL list read (as training and evaluation read it)."""
+    from pipelines.holdout import Holdout
+
+    return dataclass_from(Holdout, section).read()
+
+
 def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
     import hashlib
 
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import Holdout
+    from pipelines.holdout import Holdout, training_split
     from pipelines.shards import held_out_keys, key_urls
-    from pipelines.train import excluded_keys
 
     fs, paths = resolve_files(str(encoded))
-    holdout = Holdout.from_config({"fraction": 0.5, "seed": 3})
+    holdout = read_split({"fraction": 0.5, "seed": 3})
     keys = held_out_keys(fs, paths, holdout)
     assert 0 < len(keys) < 8
-    assert excluded_keys(key_urls(fs, paths), holdout, []) == keys
+    assert training_split(holdout, str(encoded), key_urls(fs, paths), [])[0] == keys
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": {"fraction": 0.5, "seed": 3}})
     assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
@@ -292,9 +298,8 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     image is out of training and in the evaluation, whatever host serves it; nothing else is evaluated."""
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import Holdout
+    from pipelines.holdout import training_split
     from pipelines.shards import key_urls
-    from pipelines.train import excluded_keys
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos, as the encode stage writes crops_per_image=2
     urls = [f"http://127.0.0.1:18765/photo{i // 2}.jpg" for i in range(len(latents))]
@@ -310,20 +315,21 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
     assert len(held) == 2
 
-    excluded = excluded_keys(key_urls(fs, paths), Holdout.from_config(section), ["sample-row"])
+    excluded, record = training_split(read_split(section), str(encoded), key_urls(fs, paths), ["sample-row"])
+    assert excluded[0] == "sample-row" and record.held_out_rows == 2 and record.rows == 8
     training = set(url_of) - set(excluded)
     assert held <= set(excluded) and not held & training and len(training) == 6
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": section})
     assert {k for unit in plan(cfg).units for k in unit["keys"]} == held
 
-    assert Holdout.from_config(section).held_out("https://mirror.example/photo1.jpg")
-    assert not Holdout.from_config(section).held_out("http://127.0.0.1:18765/photo10.jpg")
+    assert read_split(section).held_out("https://mirror.example/photo1.jpg")
+    assert not read_split(section).held_out("http://127.0.0.1:18765/photo10.jpg")
     with pytest.raises(ValueError, match="holdout.urls .*missing.txt: no such file"):
-        Holdout.from_config({"urls": str(tmp_path / "missing.txt")})
+        read_split({"urls": str(tmp_path / "missing.txt")})
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="lists no URLs"):
-        Holdout.from_config({"urls": str(tmp_path / "empty.txt")})
+        read_split({"urls": str(tmp_path / "empty.txt")})
     with pytest.raises(ValueError, match="unknown keys \\['holdout.files'\\]"):
         dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": "x", "output": "x",
                                  "holdout": {"files": "a.txt"}})
@@ -339,7 +345,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
 
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import RECORD, Holdout, HoldoutRecord
+    from pipelines.holdout import RECORD, HoldoutRecord
     from pipelines.shards import held_out_keys, key_urls
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos
@@ -347,7 +353,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
     encoded = write_encoded_shards(tmp_path / "encoded", latents, hr, urls=urls)
     fs, paths = resolve_files(str(encoded))
     (tmp_path / "held.txt").write_text("http://127.0.0.1:18765/photo1.jpg\n")
-    split = Holdout.from_config({"urls": str(tmp_path / "held.txt")})  # a split by file, as the demo's
+    split = read_split({"urls": str(tmp_path / "held.txt")})  # a split by file, as the demo's
     held = sorted(held_out_keys(fs, paths, split))
     assert len(held) == 2
     model = tmp_path / "model"

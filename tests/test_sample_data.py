@@ -65,7 +65,7 @@ def test_demo_dataset_serves_the_photos_as_they_are_in_the_laion_v2_schema(tmp_p
     # the split by file: exactly the held-out photos' URLs, which Holdout then holds out (whatever the port)
     listed = data.holdout_urls.read_text().split()
     assert sorted(listed) == sorted(f"{BASE}/{p.path.name}" for p in photos if p.split == "holdout")
-    holdout = Holdout.from_config({"urls": str(data.holdout_urls)})
+    holdout = dataclass_from(Holdout, {"urls": str(data.holdout_urls)}).read()
     assert {p.name for p in photos if holdout.held_out(f"http://127.0.0.1:1/{p.path.name}")} == set(SHIPPED_HOLDOUT)
 
     # a rerun with the same photos leaves the metadata untouched (the filter's fingerprint uses its mtime)

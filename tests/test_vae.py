@@ -5,7 +5,7 @@ import torch
 
 from infgen.images import center_crop, to_tensor
 from infgen.metrics import psnr
-from infgen.vae import FrozenVAE, load_vae, materialise_offline_vae
+from infgen.vae import FrozenVAE, load_vae, materialise_offline_vae, vae_config
 
 
 def test_tiny_vae_goes_through_from_pretrained(tiny_vae):
@@ -14,6 +14,21 @@ def test_tiny_vae_goes_through_from_pretrained(tiny_vae):
     config = json.loads((directory / "config.json").read_text())
     assert tiny_vae.scaling_factor == config["scaling_factor"] != 1.0
     assert not any(p.requires_grad for p in tiny_vae.parameters())
+
+
+def test_vae_config_reads_the_latent_space_without_weights(tiny_vae, tmp_path):
+    """What the driver needs of a VAE (scaling factor, channels, scale) comes from its config file alone; a config
+    without a scaling factor means SD's 0.18215 (as diffusers assumes); a source that is not a VAE is named."""
+    source, config = vae_config("tiny")
+    assert source == str(materialise_offline_vae("tiny")) and config["scaling_factor"] == tiny_vae.scaling_factor
+    assert config["latent_channels"] == 4 and len(config["block_out_channels"]) == 4
+    old = json.loads((materialise_offline_vae("tiny") / "config.json").read_text())
+    del old["scaling_factor"]
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(old))  # a config only: no weights anywhere
+    assert vae_config(tmp_path / "vae")[1]["scaling_factor"] == 0.18215
+    with pytest.raises(ValueError, match="vae='.*nowhere' could not be loaded"):
+        vae_config(tmp_path / "nowhere")
 
 
 def test_tiny_vae_encodes_and_reconstructs_real_photos(tiny_vae, photos):
