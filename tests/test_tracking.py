@@ -69,6 +69,33 @@ def test_the_exported_model_is_an_mlflow_pyfunc_model(tmp_path):
     assert loaded.predict(latents[:1]).shape == (1, 96, 128, 3)  # no size: the VAE's native 8×
 
 
+def test_the_holdout_record_of_a_registered_model_is_read_without_its_weights(tmp_path, monkeypatch):
+    """The evaluation's driver reads the split a models:/ or runs:/ model was trained with from MLmodel and
+    holdout.json alone (the weights are the workers' to fetch); a model logged without a record has none."""
+    import mlflow
+
+    from infgen import InfGen
+    from pipelines.evaluate.model import holdout_record
+    from pipelines.holdout import Holdout, HoldoutRecord
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exported = InfGen.from_preset("tiny").save_pretrained(tmp_path / "exported")
+    with Tracker(uri, "infgen-test", "no-record") as tracker:
+        tracker.log_infgen_model(exported, "infgen-bare")
+    record = HoldoutRecord(Holdout(fraction=0.25, seed=7), "s3://bucket/encoded", ("ab", "cd"), 40, 10, ("k1",))
+    record.write(exported)
+    with Tracker(uri, "infgen-test", "with-record") as tracker:
+        tracker.log_infgen_model(exported, "infgen-split")
+    asked = []
+    download = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda uri, **kw: asked.append(uri) or download(uri, **kw))
+    for source in ("models:/infgen-split/1", "models:/infgen-split@newest", f"runs:/{tracker.run_id}/model"):
+        asked.clear()
+        assert holdout_record(source, uri) == record
+        assert [u.rsplit("/", 1)[1] for u in asked] == ["MLmodel", "holdout.json"]
+    assert holdout_record("models:/infgen-bare/1", uri) is None
+
+
 def test_a_run_that_raises_ends_failed_or_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     for error, status in ((RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")):

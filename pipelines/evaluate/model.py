@@ -47,8 +47,25 @@ def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
 
 def holdout_record(source: str, tracking_uri: Optional[str] = None) -> Optional[HoldoutRecord]:
     """The split the model was trained with (pipelines.holdout.RECORD, which training writes into the exported
-    model, and so into its MLflow model, and beside its checkpoints), or None for a model without one. Raises
-    ValueError for a record that does not read."""
+    model, and so into its MLflow model, and beside its checkpoints), or None for a model without one. Of an
+    MLflow runs:/ or models:/ URI only MLmodel and the record are downloaded, not the weights (this runs on the
+    driver). Raises ValueError for a record that does not read."""
+    if source.startswith(("runs:/", "models:/")):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
+
+        from infgen.pyfunc import ARTIFACT
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        base = source.rstrip("/")
+        artifact = Model.load(mlflow.artifacts.download_artifacts(f"{base}/MLmodel"))
+        folder = artifact.flavors["python_function"]["artifacts"][ARTIFACT]["path"]
+        try:
+            return HoldoutRecord.read(mlflow.artifacts.download_artifacts(f"{base}/{folder}/{RECORD}"))
+        except (MlflowException, OSError):  # a model logged without one
+            return None
     path = model_directory(source, tracking_uri)
     for candidate in (path / RECORD, path.parent / RECORD if checkpoint.is_checkpoint(path) else None):
         if candidate is not None and candidate.is_file():
