@@ -94,9 +94,19 @@ def test_two_workers_fail_restart_and_log_to_mlflow(ray_local, encoded, tmp_path
     # the split it was trained with, kept with the model and beside its checkpoints (the evaluation reads it)
     record = HoldoutRecord.read(Path(result.model_dir) / RECORD)
     fs, paths = resolve_files(str(encoded))
-    assert record.holdout == Holdout() and record.held_out_rows == 0 and record.data == str(encoded)
+    assert record.holdout == Holdout(fraction=0.1) and record.data == str(encoded)  # conf/train/local.yaml's split
+    assert record.held_out_rows == len(Holdout(fraction=0.1).keys_in(key_urls(fs, paths))) > 0
     assert record.rows == sum(len(keys) for keys, _ in key_urls(fs, paths)) and len(record.sample_keys) == 2
     assert HoldoutRecord.read(tmp_path / "train" / cfg.name / RECORD) == record
+    # the documented next command, conf/eval/local.yaml on the same data, scores exactly the rows held out
+    from jobs.config import load_job_config
+    from pipelines.config import dataclass_from
+    from pipelines.evaluate import EvalConfig, plan
+
+    evaluation = dataclass_from(EvalConfig, load_job_config(ROOT / "conf/eval/local.yaml", [
+        f"model={result.model_dir}", f"data={encoded}"]))
+    scored = {k for unit in plan(evaluation).units for k in unit["keys"]}
+    assert scored == set(Holdout(fraction=0.1).keys_in(key_urls(fs, paths)))
 
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(result.run_id, "loss")
