@@ -15,8 +15,28 @@ the output, so a rerun lands in the same place and continues):
 
 Readers take `shards/*.tar` once `_SUCCESS` exists. Each sample's JSON carries `row_id` (its row in the
 input, stable across retries), the saved metadata columns (the input's `width`/`height` become `src_width`/
-`src_height`: img2dataset reserves those names for the downloaded size), and the sha256 of the bytes as
-downloaded (for an image shrunk by `max_long_side`, not of the stored bytes).
+`src_height`: img2dataset reserves those names for the size it stored), and the sha256 of the bytes as
+downloaded.
+
+What is stored. With `max_long_side: null` (the default) the bytes exactly as downloaded (img2dataset's
+disable_all_reencoding): nothing is decoded, re-encoded or size-checked here, so the sha256 is the stored bytes'
+hash. img2dataset's own decoder (OpenCV) would turn a 16-bit PNG into a white JPEG and a float TIFF into a black
+or white one; the encode stage decodes instead, with `infgen.images.to_rgb` like every stage. Consequences:
+  * the member is `key.<encode_format>` (`key.jpg`) whatever the bytes are (PNG, WebP, GIF, TIFF, HTML ...): the
+    encode stage reads the format from the bytes (pipelines.encode.decode_image), never from the name;
+  * the JSON's and shard parquet's `width`/`height`/`original_width`/`original_height` are null;
+  * an HTML page, a truncated or 0-byte body, a tiny image or a decompression bomb is a success here (a few KB
+    stored) and a counted skip in the encode stage (not_an_image, corrupt, empty, too_small,
+    decompression_bomb); the size rules live there, on the stored image (`min_side`, `max_image_pixels`);
+  * this stage's failures are those of fetching: http_<code>, timeout, connection, ssl, invalid_url,
+    disallowed (an X-Robots-Tag noai opt-out), missing (img2dataset wrote no record), other.
+With `max_long_side: N`, ShrinkResizer replaces img2dataset's resizer: an image whose header says its long side
+exceeds N is decoded with `to_rgb` (under `max_image_pixels`), shrunk to N and stored in `encode_format` (then
+width/height are set and the sha256 is of the downloaded bytes); every other body is stored as downloaded, as
+above. A large image that cannot be decoded fails here, its error_kind the encode stage's reason for it
+(decompression_bomb, corrupt, unsupported_mode, unsupported_format).
+Every row is counted once across the stages: rows = success + failures by kind here, and the encode stage's
+images_in (this stage's success) = its encoded images + its skips by reason.
 
 Resume: rerunning the same command continues (img2dataset's incremental mode skips shards that have a
 `_stats.json`). Retry: `retry_failed=true` (or `input=<that output>/failed.parquet`) downloads the failed rows
@@ -32,13 +52,14 @@ On a cluster: `distributor=ray` runs one Ray task per shard on every node (img2d
 no back-pressure and ignores max_shard_retry: unfinished shards make this stage fail with a message to
 rerun, which continues). At LAION scale, img2dataset's authors recommend a local caching DNS resolver on
 every node (knot-resolver or bind, with the system resolver pointed at it): the default resolvers throttle or
-fail at thousands of requests per second, which shows up here as `connection` failures. Set
-OPENCV_IO_MAX_IMAGE_PIXELS in the job's runtime_env too (this module sets it for local workers): it makes
-OpenCV reject decompression bombs from the header instead of decoding them.
+fail at thousands of requests per second, which shows up here as `connection` failures. img2dataset's
+resizer (OpenCV) decodes nothing in this stage: OPENCV_IO_MAX_IMAGE_PIXELS is not needed.
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import logging
 import math
 import os
@@ -72,9 +93,8 @@ class DownloadConfig:
     url_col: str = "url"
     caption_col: Optional[str] = "caption"
     save_columns: Optional[list] = None  # null: every other column
-    max_long_side: Optional[int] = None
-    min_image_size: int = 1024
-    max_image_pixels: Optional[int] = 100_000_000
+    max_long_side: Optional[int] = None  # null: store the downloaded bytes; N: shrink images longer than N
+    max_image_pixels: Optional[int] = 100_000_000  # with max_long_side: the decoding limit of images to shrink
     encode_format: str = "jpg"
     encode_quality: int = 95
     number_sample_per_shard: int = 1000
@@ -94,12 +114,18 @@ class DownloadConfig:
             raise ValueError(f"download config: distributor={self.distributor!r}; use multiprocessing or ray")
         if self.save_columns is not None and not isinstance(self.save_columns, (list, tuple)):
             raise ValueError(f"download config: save_columns={self.save_columns!r} must be a list or null")
+        if self.encode_format not in ENCODINGS:
+            raise ValueError(f"download config: encode_format={self.encode_format!r}; use one of {list(ENCODINGS)}")
+        if self.max_long_side is not None and self.max_long_side < 1:
+            raise ValueError(f"download config: max_long_side={self.max_long_side!r} must be >= 1 or null")
 
 
 # the parameters that decide what lands in the shards: they (and the input files) name the output directory;
 # timeouts, retries and parallelism do not, so a retry with a longer timeout continues the same output
-SHAPE_KEYS = ("url_col", "caption_col", "save_columns", "max_long_side", "min_image_size", "max_image_pixels",
-              "encode_format", "encode_quality", "number_sample_per_shard")
+SHAPE_KEYS = ("url_col", "caption_col", "save_columns", "max_long_side", "max_image_pixels", "encode_format",
+              "encode_quality", "number_sample_per_shard")
+# encode_format → (Pillow format, its quality option) for images ShrinkResizer re-encodes (img2dataset's choices)
+ENCODINGS = {"jpg": ("JPEG", "quality"), "png": ("PNG", "compress_level"), "webp": ("WEBP", "quality")}
 # img2dataset writes these itself and refuses them in save_additional_columns
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512"}
@@ -117,35 +143,88 @@ ERROR_KINDS = [
                               r"getaddrinfo|Errno", re.I)),
     ("disallowed", re.compile(r"X-Robots-Tag")),  # the site opted out of AI use (noai, noimageai, ...)
     ("hash_mismatch", re.compile(r"hash mismatch")),
-    ("empty", re.compile(r"!buf\.empty\(\)")),  # a 0-byte body: OpenCV's imdecode assertion
-    ("too_large", re.compile(r"image area too large|CV_IO_MAX_IMAGE_PIXELS")),
-    ("decode", re.compile(r"Image decoding error|imdecode|cannot identify|not an image", re.I)),
-    ("too_small", re.compile(r"image too small")),
-    ("bad_aspect", re.compile(r"aspect ratio too large")),
+    ("", re.compile(r"^image refused: (\w+)")),  # ShrinkResizer: the encode stage's skip reason
 ]
 
 
 def classify_error(message: Optional[str]) -> str:
-    """One of http_<code>, timeout, invalid_url, ssl, connection, disallowed, hash_mismatch, empty, too_large,
-    decode, too_small, bad_aspect, other."""
+    """One of http_<code>, timeout, invalid_url, ssl, connection, disallowed, hash_mismatch, other, or (with
+    max_long_side) the encode stage's skip reason of an image that could not be shrunk (decompression_bomb,
+    corrupt, unsupported_mode, unsupported_format, error_<exception>)."""
     message = message or ""
     for kind, pattern in ERROR_KINDS:
         match = pattern.search(message)
         if match:
-            return kind + match.group(1) if kind == "http_" else kind
+            return kind + match.group(1) if match.groups() else kind
     return "other"
 
 
 def resize_options(max_long_side: Optional[int]) -> dict[str, Any]:
-    """img2dataset's resize options: keep originals, or shrink only the images whose long side exceeds the cap."""
+    """img2dataset's resize options: store the downloaded bytes, or (ShrinkResizer) shrink only the images whose
+    long side exceeds the cap."""
     if max_long_side is None:
-        # "no" still re-encodes everything; skip_reencode keeps the original bytes when the file already is
-        # in encode_format (JPEG in, JPEG out). PNG/WebP inputs and images with alpha are re-encoded.
-        return {"resize_mode": "no", "skip_reencode": True, "image_size": 256}
-    # keep_ratio_largest sets the long side to image_size keeping the aspect ratio (no crop, no border);
-    # resize_only_if_bigger leaves smaller images alone (their bytes kept, as above) instead of upscaling them
-    return {"resize_mode": "keep_ratio_largest", "resize_only_if_bigger": True, "image_size": int(max_long_side),
-            "skip_reencode": True, "downscale_interpolation": "area"}
+        # the resizer returns the bytes as they came: nothing decoded (a "no" resize still decodes and re-encodes
+        # every non-JPEG with OpenCV, and skip_reencode keeps only JPEG bytes)
+        return {"resize_mode": "no", "disable_all_reencoding": True}
+    # what ShrinkResizer reads (image_size: the long side's cap); the mode says the same to a reader of the call
+    return {"resize_mode": "keep_ratio_largest", "resize_only_if_bigger": True, "image_size": int(max_long_side)}
+
+
+class ShrinkResizer:
+    """img2dataset's resizer when `max_long_side` is set; img2dataset builds it with its Resizer's keywords.
+
+    img2dataset's own Resizer decodes with OpenCV, which saturates 16-bit and float images to white or black and
+    ignores EXIF orientation. This one reads the size from the header and stores every image whose long side
+    fits as downloaded (undecoded, whatever its format); a longer one is decoded as every stage decodes
+    (pipelines.encode.decode_image: infgen.images.to_rgb under the pixel limit), shrunk to the cap with area
+    averaging (img2dataset's "area") and encoded in encode_format. A longer image that cannot be decoded fails,
+    with the error message `image refused: <the encode stage's skip reason>`.
+    """
+
+    def __init__(self, image_size: int, encode_format: str = "jpg", encode_quality: int = 95,
+                 max_image_area: float = float("inf"), **_img2dataset_options: Any) -> None:
+        if encode_format not in ENCODINGS:
+            raise ValueError(f"encode_format={encode_format!r}; use one of {list(ENCODINGS)}")
+        self.max_long_side = int(image_size)
+        self.encode_format, self.encode_quality = encode_format, int(encode_quality)
+        self.max_pixels = None if math.isinf(max_image_area) else int(max_image_area)
+
+    def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+        """img2dataset's resizer protocol: the downloaded bytes → (stored bytes, width, height, original width,
+        original height, error message); the sizes are None for bytes stored as downloaded."""
+        from PIL import Image
+
+        from pipelines.encode import SkipSample, decode_image  # in the download worker, only when shrinking
+
+        data = img_stream.read()
+        if not self._longer_than_cap(data):
+            return data, None, None, None, None, None
+        try:
+            image = decode_image(data, self.max_pixels)
+            if max(image.size) <= self.max_long_side:  # the header was misread (see _longer_than_cap): keep it
+                return data, None, None, None, None, None
+            scale = self.max_long_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            fmt, option = ENCODINGS[self.encode_format]
+            buffer = io.BytesIO()
+            image.resize(size, Image.BOX).save(buffer, format=fmt, **{option: self.encode_quality})
+        except SkipSample as e:
+            return None, None, None, None, None, f"image refused: {e.reason}"
+        except Exception as e:  # one bad image is one counted failure, never a lost row
+            return None, None, None, None, None, f"image refused: error_{type(e).__name__}: {e}"
+        return buffer.getvalue(), size[0], size[1], image.width, image.height, None
+
+    def _longer_than_cap(self, data: bytes) -> bool:
+        """Whether the header says the long side exceeds the cap (the same before and after EXIF rotation)."""
+        from PIL import Image
+
+        try:
+            return max(Image.open(io.BytesIO(data)).size) > self.max_long_side
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # over PIL's process-wide limit, which another thread may have lowered: decode_image decides
+            return True
+        except Exception:  # not an image Pillow knows: stored as downloaded, for the encode stage to count
+            return False
 
 
 def run_download(config: DownloadConfig | Mapping[str, Any]) -> StageResult:
@@ -156,8 +235,6 @@ def run_download(config: DownloadConfig | Mapping[str, Any]) -> StageResult:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("WANDB_SILENT", "true")
-    if cfg.max_image_pixels:
-        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(int(cfg.max_image_pixels))
     out = _locate(cfg)
     retry = cfg.retry_failed or out.from_failed
     if is_complete(out.fs, out.root) and not retry:
@@ -336,18 +413,22 @@ def _download(out: _Output, cfg: DownloadConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cfg.ray.init()
     previous = signal.getsignal(signal.SIGINT)  # img2dataset installs its own SIGINT handler: restore ours after
+    main = importlib.import_module("img2dataset.main")  # the module (the package's `main` is its CLI function)
+    stock = main.Resizer
+    if params["max_long_side"] is not None:
+        main.Resizer = ShrinkResizer  # download() builds its resizer from this name; the workers get the instance
     try:
         img2dataset.download(
             url_list=f"{out.uri}/_input", input_format="parquet", url_col="url",
             caption_col="caption" if params["caption_col"] else None, save_additional_columns=save,
             output_folder=f"{out.uri}/shards", output_format="webdataset", incremental_mode="incremental",
             number_sample_per_shard=params["number_sample_per_shard"], encode_format=params["encode_format"],
-            encode_quality=params["encode_quality"], min_image_size=params["min_image_size"] or 0,
-            max_image_area=float(params["max_image_pixels"] or "inf"), **resize_options(params["max_long_side"]),
-            timeout=cfg.timeout, retries=cfg.retries, processes_count=cfg.processes_count,
-            thread_count=cfg.thread_count, distributor=cfg.distributor, user_agent_token=cfg.user_agent_token,
-            compute_hash="sha256", enable_wandb=False)
+            encode_quality=params["encode_quality"], max_image_area=float(params["max_image_pixels"] or "inf"),
+            **resize_options(params["max_long_side"]), timeout=cfg.timeout, retries=cfg.retries,
+            processes_count=cfg.processes_count, thread_count=cfg.thread_count, distributor=cfg.distributor,
+            user_agent_token=cfg.user_agent_token, compute_hash="sha256", enable_wandb=False)
     finally:
+        main.Resizer = stock
         if signal.getsignal(signal.SIGINT) is not previous:
             signal.signal(signal.SIGINT, previous)
 

@@ -4,6 +4,12 @@ Per sample: decode with PIL under a decompression-bomb limit (failures are skipp
 random crop seeded by the sample key (identical on every rerun), resize it to `input_size`² for the VAE and keep
 it at high resolution (long side ≤ `hr_max_side`).
 
+This stage is where images are judged: the download stage stores the bytes it downloaded without decoding them
+(pipelines/download.py), under `key.jpg` whatever their format, so an image is decoded here by its content
+(DECODED_FORMATS) with `infgen.images.to_rgb`, and an HTML page, a truncated or empty body, a decompression bomb
+or an image under `min_side` is skipped here, counted as not_an_image, corrupt, empty, decompression_bomb,
+too_small. Every stored sample is counted once: images_in = encoded + skipped (with crops_per_image 1).
+
 Work is split BY SHARD: a Ray Data actor pool (ShardEncoder, one VAE load per actor, on GPU in fp16/bf16) takes one
 input .tar at a time, streams it, decodes in a thread pool beside the VAE and writes that shard's output itself.
 The driver holds only the plan (input → output paths) and the per-shard counts: no image or latent passes through
@@ -54,6 +60,10 @@ log = logging.getLogger(__name__)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes img2dataset can write
 # image files that are not img2dataset's: present, but counted as unsupported_format rather than decoded
 OTHER_IMAGE_MEMBERS = ("gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl", "jp2", "ico")
+# what decode_image decodes, told by the bytes (the download stage stores originals under `key.jpg` whatever their
+# format): the web's raster formats, those OpenCV decoded when img2dataset still did. Pillow opens more (EPS
+# through Ghostscript, PSD, FITS, ...); untrusted bytes never reach those decoders: unsupported_format
+DECODED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM"})
 DECODE_WORKER_BYTES = 768 * 2 ** 20  # a decode worker's own footprint (Python, PIL, torch imported)
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -154,9 +164,9 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def decode_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
+def decode_image(data: Optional[bytes], max_pixels: Optional[int]) -> Image.Image:
     """Encoded bytes → a fully loaded RGB image (`infgen.images.to_rgb`, as every stage decodes), or
-    SkipSample(reason)."""
+    SkipSample(reason). The format is read from the bytes, never from a file name; `max_pixels` None: no limit."""
     if data is None:
         raise SkipSample("missing_image")
     if len(data) == 0:
@@ -166,7 +176,13 @@ def decode_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2× the limit
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # the header only
+            if image.format not in DECODED_FORMATS:
+                raise SkipSample("unsupported_format")
+            # checked here too: PIL's limit and the warnings filters are process-wide, so threads decoding at once
+            # (img2dataset's, encode's) can run under another call's setting; this check sees only its own
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise SkipSample("decompression_bomb")
             image.load()
             return to_rgb(image)
     except UnsupportedImage as e:

@@ -61,6 +61,35 @@ def write_photos(directory: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+# images that OpenCV (img2dataset's decoder) turns into other pixels, or that carry transparency: every stage must
+# give infgen.images.to_rgb's pixels for them (issue 13)
+ODD_IMAGES = {
+    "ramp16.png": "a 16-bit greyscale PNG, a horizontal ramp 0..65535 (OpenCV: a white JPEG)",
+    "ramp_float.tif": "a float32 TIFF, a horizontal ramp 0..1 (OpenCV: a black JPEG)",
+    "rgba.png": "an RGBA PNG in colour, its alpha fading to transparent from top to bottom",
+    "palette.png": "a palette PNG of four colour bands, one of them the transparent colour",
+}
+
+
+def write_odd_images(directory: Path, size: tuple[int, int] = (1600, 1280)) -> dict[str, tuple[int, int]]:
+    """Write ODD_IMAGES at `size` (width, height); return name → (width, height)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    ramp = np.repeat(np.linspace(0, 1, w)[None, :], h, axis=0)
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(directory / "ramp16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(directory / "ramp_float.tif")
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 0] = np.round(ramp * 255)
+    rgba[..., 1] = np.round(np.linspace(0, 255, h))[:, None]
+    rgba[..., 2] = 90
+    rgba[..., 3] = np.round(np.linspace(255, 0, h))[:, None]
+    Image.fromarray(rgba, "RGBA").save(directory / "rgba.png")
+    palette = Image.fromarray(np.minimum(np.arange(w) * 4 // w, 3).astype(np.uint8)[None, :].repeat(h, 0), "P")
+    palette.putpalette([200, 30, 30, 30, 160, 40, 20, 40, 220, 0, 0, 0])
+    palette.save(directory / "palette.png", transparency=3)  # the right-hand band (black) is transparent
+    return {name: size for name in ODD_IMAGES}
+
+
 def decompression_bomb_png(width: int, height: int) -> bytes:
     """A valid greyscale PNG of width×height zeros: tiny on disk, `width·height` bytes once decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -183,8 +212,8 @@ def write_demo_dataset(directory: Path, base_url: str, photos: Sequence[Photo],
     With `holdout_urls`, the URLs of the photos whose split is 'holdout' are written there, one per line: the
     fixed split by file that training and evaluation read (pipelines.holdout.Holdout).
     Files are linked, not copied (the wallpapers are ~100 MB): the server sends their bytes as they are, PNGs
-    included, and img2dataset re-encodes what it must, as it would on LAION. Raises ValueError when two photos
-    share a file name (their URLs would clash).
+    included, and the download stage stores them as they are (the encode stage decodes them), as it would on LAION.
+    Raises ValueError when two photos share a file name (their URLs would clash).
     """
     if not photos:
         raise ValueError("write_demo_dataset: no photos to serve")

@@ -1,17 +1,15 @@
 """Stage 2 (download): real img2dataset against an HTTP server on 127.0.0.1, offline.
 
-What img2dataset 1.47 does with each input (asserted below, through this stage's error kinds):
-  8 photos over 2 MP           success, JPEG bytes kept as served (skip_reencode)
-  truncated.jpg (half a JPEG)  failed_to_resize "Image decoding error"                    → decode
-  html.jpg (HTML as .jpg)      failed_to_resize "Image decoding error"                    → decode
-  empty.jpg (0 bytes)          failed_to_resize "OpenCV(...) (-215:Assertion failed) !buf.empty() in function
-                               'imdecode_'"                                               → empty
-  bomb.png (20000² PNG)        failed_to_resize "... pixels <= CV_IO_MAX_IMAGE_PIXELS in function
-                               'validateInputImageSize'" (this stage sets OPENCV_IO_MAX_IMAGE_PIXELS;
-                               without it OpenCV decodes the bomb and img2dataset *accepts* it as a
-                               20000×20000 image unless max_image_area is set)             → too_large
-  tiny.jpg (40×30, says 2000×1500)  accepted by img2dataset itself; "image too small" with
-                               min_image_size (this stage's default 1024)                 → too_small
+What img2dataset 1.47 does with each input (asserted below, through this stage's error kinds). The bytes are
+stored as downloaded (disable_all_reencoding): nothing is decoded here, so every body the server sends is a
+success, named key.jpg whatever it is; the encode stage decodes it and counts what it cannot use
+(tests/test_encode.py, tests/test_pipeline_e2e.py: the same files, the reasons in brackets):
+  8 photos over 2 MP           success, JPEG bytes as served
+  truncated.jpg (half a JPEG)  success, stored as served                                  (encode: corrupt)
+  html.jpg (HTML as .jpg)      success, stored as served                                  (encode: not_an_image)
+  empty.jpg (0 bytes)          success, a 0-byte key.jpg                                  (encode: empty)
+  bomb.png (20000² PNG)        success, its few KB of PNG as key.jpg                      (encode: decompression_bomb)
+  tiny.jpg (40×30, says 2000×1500)  success                                               (encode: too_small)
   missing.jpg                  failed_to_download "HTTP Error 404: File not found"        → http_404
   a closed port                failed_to_download "<urlopen error [Errno 111] Connection refused>" → connection
   a port that never answers    failed_to_download "timed out"                             → timeout
@@ -20,6 +18,8 @@ What img2dataset 1.47 does with each input (asserted below, through this stage's
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -32,19 +32,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sample_data import LARGE_PHOTOS, MISSING, laion_table, serve, write_photos
+from pipelines.sample_data import LARGE_PHOTOS, MISSING, laion_table, serve, write_odd_images, write_photos
 from pipelines.config import dataclass_from
 from pipelines.download import DownloadConfig, _locate, classify_error, resize_options, run_download
 from pipelines.filter import OUTPUT_SCHEMA as FILTER_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [f"{name}.jpg" for name in LARGE_PHOTOS]
-EXPECTED_FAILURES = {"connection": 1, "decode": 2, "empty": 1, "http_404": 1, "invalid_url": 1, "timeout": 1,
-                     "too_large": 1, "too_small": 1}
-ROWS = len(GOOD) + sum(EXPECTED_FAILURES.values())  # 17
+# bodies that are no usable image, stored as downloaded: the encode stage counts them (until issue 13 they were
+# download failures: decode 2, empty 1, too_large 1, too_small 1)
+STORED_BROKEN = ["truncated.jpg", "html.jpg", "empty.jpg", "bomb.png", "tiny.jpg"]
+EXPECTED_FAILURES = {"connection": 1, "http_404": 1, "invalid_url": 1, "timeout": 1}
+SUCCESS = len(GOOD) + len(STORED_BROKEN)  # 13
+ROWS = SUCCESS + sum(EXPECTED_FAILURES.values())  # 17
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +72,24 @@ def world(tmp_path_factory):
                                                     "tiny.jpg", MISSING, "refused", "not a url"]
         rows = [{"url": urls[n], "text": f"a photo of {n}", "width": sizes.get(n, (1800, 1200))[0],
                  "height": sizes.get(n, (1800, 1200))[1], "aesthetic": 6.0 + i / 100} for i, n in enumerate(order)]
-        table = laion_table(rows, "aesthetic_v1").rename_columns(  # → the filter stage's output schema
-            ["url", "caption", "width", "height", "similarity", "hash", "punsafe", "pwatermark", "aesthetic"])
-        table = table.select(FILTER_SCHEMA.names).cast(FILTER_SCHEMA)
-        filtered = tmp / "filter" / "abc123"
-        filtered.mkdir(parents=True)
-        pq.write_table(table.slice(0, 9), filtered / "part-00000.parquet")
-        pq.write_table(table.slice(9), filtered / "part-00001.parquet")
-        (filtered / "_SUCCESS").touch()
-        yield {"tmp": tmp, "www": www, "input": filtered, "order": order, "table": table}
+        filtered, table = filter_output(tmp / "filter" / "abc123", rows, split=9)
+        yield {"tmp": tmp, "www": www, "base": base, "input": filtered, "order": order, "table": table,
+               "sizes": sizes}
     closed.close()
     silent.close()
+
+
+def filter_output(directory: Path, rows: list[dict], split: int):
+    """A finished filter-stage output of `rows` (laion_table's keys): two parquet parts (rows [:split], [split:])
+    + _SUCCESS; returns (directory, table)."""
+    table = laion_table(rows, "aesthetic_v1").rename_columns(  # → the filter stage's output schema
+        ["url", "caption", "width", "height", "similarity", "hash", "punsafe", "pwatermark", "aesthetic"])
+    table = table.select(FILTER_SCHEMA.names).cast(FILTER_SCHEMA)
+    directory.mkdir(parents=True)
+    pq.write_table(table.slice(0, split), directory / "part-00000.parquet")
+    pq.write_table(table.slice(split), directory / "part-00001.parquet")
+    (directory / "_SUCCESS").touch()
+    return directory, table
 
 
 def config(world, mlflow_server, **overrides) -> dict:
@@ -148,32 +159,35 @@ def check_complete(root: Path, success: int, failures: dict) -> dict:
 def test_exact_counts_tar_members_and_failed_rows(world, first):
     root = Path(first.output)
     assert root.parent == world["tmp"] / "out" and not first.skipped
-    stats = check_complete(root, 8, EXPECTED_FAILURES)
+    stats = check_complete(root, SUCCESS, EXPECTED_FAILURES)
     assert len(stats["shards"]) == 9  # 9 + 8 rows in two input files, 2 per shard → 5 + 4 shards
     found = samples(root)
     for key, sample in found.items():
-        assert set(sample) == {"jpg", "txt", "json"}, key
+        assert set(sample) == {"jpg", "txt", "json"}, key  # `jpg` whatever the bytes (bomb.png: a PNG)
         meta = json.loads(sample["json"])
         name = world["order"][meta["row_id"]]
-        assert sample["jpg"] == (world["www"] / name).read_bytes()  # originals kept byte for byte
+        assert sample["jpg"] == (world["www"] / name).read_bytes()  # the bytes as downloaded, whatever they are
+        assert meta["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()  # so the hash is the stored bytes'
         assert sample["txt"].decode() == f"a photo of {name}" == meta["caption"]
-        assert (meta["width"], meta["height"]) == LARGE_PHOTOS[name.removesuffix(".jpg")]
-        assert (meta["src_width"], meta["src_height"]) == (meta["width"], meta["height"])  # the input's sizes
+        assert meta["width"] is meta["height"] is meta["original_width"] is None  # nothing decoded here
+        assert (meta["src_width"], meta["src_height"]) == world["sizes"][name]  # the input's sizes
         assert meta["aesthetic"] == pytest.approx(6.0 + meta["row_id"] / 100)
         assert {"punsafe", "pwatermark", "similarity", "hash", "sha256", "key", "status"} <= set(meta)
-    assert sorted(world["order"][json.loads(s["json"])["row_id"]] for s in found.values()) == sorted(GOOD)
+    names = sorted(world["order"][json.loads(s["json"])["row_id"]] for s in found.values())
+    assert names == sorted(GOOD + STORED_BROKEN)
+    assert next(s for s in found.values() if json.loads(s["json"])["url"].endswith("/bomb.png"))["jpg"][:4] == \
+        b"\x89PNG"
+    shard_rows = [r for r in records(root) if r["status"] == "success"]
+    assert len(shard_rows) == SUCCESS and all(r["width"] is None for r in shard_rows)
 
     failed = {world["order"][r["row_id"]]: r for r in pq.read_table(root / "failed.parquet").to_pylist()}
     assert {n: r["error_kind"] for n, r in failed.items()} == {
-        "silent": "timeout", "truncated.jpg": "decode", "html.jpg": "decode", "empty.jpg": "empty",
-        "bomb.png": "too_large", "tiny.jpg": "too_small", MISSING: "http_404", "refused": "connection",
-        "not a url": "invalid_url"}
+        "silent": "timeout", MISSING: "http_404", "refused": "connection", "not a url": "invalid_url"}
     assert failed[MISSING]["error_message"] == "HTTP Error 404: File not found"
     assert "Connection refused" in failed["refused"]["error_message"]
-    assert "CV_IO_MAX_IMAGE_PIXELS" in failed["bomb.png"]["error_message"]
-    row = failed["tiny.jpg"]  # the input's own column names and values come back, ready to be fed again
+    row = failed[MISSING]  # the input's own column names and values come back, ready to be fed again
     assert list(row)[:6] == ["url", "caption", "row_id", "error_kind", "error_message", "attempts"]
-    assert (row["width"], row["height"], row["attempts"]) == (2000, 1500, 1)
+    assert (row["width"], row["height"], row["attempts"]) == (1800, 1200, 1)
     assert row["url"] == world["table"].column("url")[row["row_id"]].as_py()
     assert {"aesthetic", "punsafe", "pwatermark", "similarity", "hash"} <= set(row)
 
@@ -191,7 +205,7 @@ def test_mlflow_run(first, mlflow_server):
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(first.run_id)
-    assert run.data.metrics["success"] == 8 and run.data.metrics["failures.http_404"] == 1
+    assert run.data.metrics["success"] == SUCCESS and run.data.metrics["failures.http_404"] == 1
     assert run.data.metrics["rows"] == ROWS and run.data.params["number_sample_per_shard"] == "2"
     assert run.data.tags["infgen.output"] == first.output and run.data.tags["mlflow.runName"] == "download"
     assert {a.path for a in client.list_artifacts(first.run_id)} == {"download_stats.json", "failed.parquet"}
@@ -216,20 +230,65 @@ def test_retry_failed_recovers_and_keeps_counts_exact(world, mlflow_server, firs
         (world["www"] / MISSING).unlink()
     assert result.output == first.output and not result.skipped
     rest = {k: v for k, v in EXPECTED_FAILURES.items() if k != "http_404"}
-    stats = check_complete(root, 9, rest)
-    assert stats["rounds"] == [{"input": "retry-001.parquet", "rows": 9, "shards": 5, "success": 1}]
-    assert len(stats["shards"]) == 14  # 9 main + 5 for the round's 9 rows
+    stats = check_complete(root, SUCCESS + 1, rest)
+    assert stats["rounds"] == [{"input": "retry-001.parquet", "rows": 4, "shards": 2, "success": 1}]
+    assert len(stats["shards"]) == 11  # 9 main + 2 for the round's 4 rows
     recovered = [s for s in samples(root).values() if world["order"][json.loads(s["json"])["row_id"]] == MISSING]
     assert len(recovered) == 1 and recovered[0]["jpg"] == (world["www"] / "rocket.jpg").read_bytes()
     failed = pq.read_table(root / "failed.parquet").to_pylist()
-    assert {r["attempts"] for r in failed} == {2} and len(failed) == ROWS - 9
+    assert {r["attempts"] for r in failed} == {2} and len(failed) == ROWS - SUCCESS - 1
     run = MlflowClient(mlflow_server).get_run(result.run_id)
-    assert run.data.metrics["success"] == 9 and "failures.http_404" not in run.data.metrics
+    assert run.data.metrics["success"] == SUCCESS + 1 and "failures.http_404" not in run.data.metrics
 
     # feeding failed.parquet back as the input means the same as retry_failed=true: same output, a retry
     # (not downloaded again here: each img2dataset call costs ~10 s of process start-up on this machine)
     located = _locate(dataclass_from(DownloadConfig, config(world, mlflow_server, input=str(root / "failed.parquet"))))
     assert (located.uri, located.from_failed, located.params) == (first.output, True, first.stats["params"])
+
+
+def test_max_long_side_shrinks_like_every_stage_decodes_and_counts_what_it_cannot(world, mlflow_server):
+    """With max_long_side, ShrinkResizer replaces img2dataset's OpenCV resizer: an image over the cap is decoded by
+    to_rgb (a 16-bit PNG and a float TIFF give grey ramps, not OpenCV's white and black JPEGs; alpha on white;
+    EXIF orientation applied), shrunk and stored as JPEG; bodies within the cap or that are no image Pillow knows are
+    stored as downloaded; an image over the cap that cannot be decoded fails under the encode stage's reason."""
+    from PIL import Image
+
+    from infgen.images import to_rgb
+    from pipelines.encode import decode_image
+
+    www = world["www"]
+    odd = write_odd_images(www, (640, 480))
+    tall = Image.new("RGB", (400, 300), (30, 120, 200))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # stored 400×300, shown rotated: 300×400
+    tall.save(www / "rotated.jpg", exif=exif)
+    names = [*odd, "chelsea.jpg", "rotated.jpg", "tiny.jpg", "html.jpg", "truncated.jpg", "bomb.png"]
+    rows = [{"url": f"{world['base']}/{n}", "text": n, "width": 2000, "height": 1500} for n in names]
+    filtered, _ = filter_output(world["tmp"] / "filter" / "capped", rows, split=5)
+    result = run_download(config(world, mlflow_server, input=str(filtered), output=str(world["tmp"] / "capped"),
+                                 max_long_side=320))
+    stats = result.stats
+    assert (stats["rows"], stats["success"], stats["failures"]) == (10, 8, {"corrupt": 1, "decompression_bomb": 1})
+    stored = {json.loads(s["json"])["url"].rsplit("/", 1)[1]: s for s in samples(Path(result.output)).values()}
+    assert sorted(stored) == sorted(names[:-2])
+    for name in [*odd, "chelsea.jpg", "rotated.jpg"]:  # over the cap: to_rgb, shrunk, JPEG
+        meta, data = json.loads(stored[name]["json"]), stored[name]["jpg"]
+        original = to_rgb(Image.open(www / name))
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and (meta["width"], meta["height"]) == image.size, name
+        assert max(image.size) == 320 and (meta["original_width"], meta["original_height"]) == original.size
+        expected = np.asarray(original.resize(image.size, Image.BOX), np.float32)
+        assert np.abs(np.asarray(decode_image(data, None), np.float32) - expected).mean() < 3, name
+    assert Image.open(io.BytesIO(stored["rotated.jpg"]["jpg"])).size == (240, 320)  # upright: OpenCV's was not
+    for name in ("ramp16.png", "ramp_float.tif"):
+        ramp = np.asarray(decode_image(stored[name]["jpg"], None))
+        assert abs(ramp.mean() - 127.5) < 2 and ramp[:, 0].max() <= 4 and ramp[:, -1].min() >= 251, name
+    for name in ("tiny.jpg", "html.jpg"):  # within the cap, or no image Pillow knows: as downloaded
+        assert stored[name]["jpg"] == (www / name).read_bytes() and json.loads(stored[name]["json"])["width"] is None
+    failed = {r["url"].rsplit("/", 1)[1]: r for r in pq.read_table(Path(result.output) / "failed.parquet").to_pylist()}
+    assert {n: (r["error_kind"], r["error_message"]) for n, r in failed.items()} == {
+        "truncated.jpg": ("corrupt", "image refused: corrupt"),
+        "bomb.png": ("decompression_bomb", "image refused: decompression_bomb")}
 
 
 def test_input_without_success_marker_is_refused(world, mlflow_server, tmp_path):
@@ -249,13 +308,18 @@ def test_error_kinds_and_resize_options():
     assert classify_error("HTTP Error 403: Forbidden") == "http_403"
     assert classify_error("<urlopen error [Errno -2] Name or service not known>") == "connection"
     assert classify_error("<urlopen error timed out>") == "timeout"
-    assert classify_error("image area too large") == "too_large"
+    assert classify_error("image refused: decompression_bomb") == "decompression_bomb"  # ShrinkResizer's
+    assert classify_error("image refused: error_MemoryError: ") == "error_MemoryError"
     assert classify_error("Use of image disallowed by X-Robots-Tag directive") == "disallowed"
     assert classify_error("something new") == classify_error(None) == "other"
-    assert resize_options(None) == {"resize_mode": "no", "skip_reencode": True, "image_size": 256}
+    assert resize_options(None) == {"resize_mode": "no", "disable_all_reencoding": True}
     capped = resize_options(1024)  # long side set to 1024, only for images whose long side is larger
     assert (capped["resize_mode"], capped["resize_only_if_bigger"], capped["image_size"]) == ("keep_ratio_largest",
                                                                                               True, 1024)
+    with pytest.raises(ValueError, match=r"unknown keys \['min_image_size'\]"):  # encode's min_side does it
+        dataclass_from(DownloadConfig, {"input": "x", "min_image_size": 1024})
+    with pytest.raises(ValueError, match="encode_format='gif'"):
+        dataclass_from(DownloadConfig, {"input": "x", "encode_format": "gif"})
 
 
 def test_yaml_matches_defaults():

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from infgen.images import to_tensor
+from infgen.images import to_rgb, to_tensor
 from pipelines.common import STATS, SUCCESS
 from pipelines.config import dataclass_from
 from pipelines.encode import (EncodeConfig, EncodeUDF, SkipSample, crop_box_for, decode_image, prepare_sample,
                               resolve_vae, run_encode)
-from pipelines.sample_data import LARGE_PHOTOS, write_photos
+from pipelines.sample_data import LARGE_PHOTOS, ODD_IMAGES, write_odd_images, write_photos
 from pipelines.shards import read_rows as read_shards
 from pipelines.shards import read_shard_stats, tensor_column
 
@@ -347,3 +347,35 @@ def test_member_names_variants_and_other_formats_are_not_missing(photo_dir, tmp_
     rows = prepare_batch(batch, cfg)
     reasons = dict(zip(rows["key"], rows["skip_reason"]))
     assert reasons == {"00000004": "", "00000005": "", "00000006": "unsupported_format", "00000007": "missing_image"}
+
+
+def test_any_format_under_a_jpg_member_decodes_by_its_content(tmp_path):
+    """The download stage stores originals under `key.jpg` whatever their format: the bytes say what they are. A
+    16-bit PNG, a float TIFF, RGBA and transparent-palette PNGs, WebP, GIF and BMP give to_rgb's pixels of the file
+    (never OpenCV's white or black); EPS (Ghostscript) and PCX, formats Pillow opens but the web does not serve,
+    are unsupported_format."""
+    from pipelines.encode import DECODED_FORMATS, prepare_batch
+
+    write_odd_images(tmp_path, (96, 64))
+    files = {name: (tmp_path / name).read_bytes() for name in ODD_IMAGES}
+    colour = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), np.uint8))
+    for fmt, options in (("WEBP", {"lossless": True}), ("GIF", {}), ("BMP", {}), ("EPS", {}), ("PCX", {})):
+        buffer = io.BytesIO()
+        colour.save(buffer, format=fmt, **options)
+        files[fmt] = buffer.getvalue()
+    assert files["ramp16.png"].startswith(b"\x89PNG") and "EPS" not in DECODED_FORMATS
+    cfg = dataclass_from(EncodeConfig, {"input": "x", "output": "y", "input_size": 32, "min_side": 32,
+                                        "hr_max_side": 128})
+    batch = {"__key__": np.array(list(files), dtype=object), "__url__": np.array(["s.tar"] * len(files), dtype=object),
+             "jpg": np.array(list(files.values()), dtype=object)}
+    rows = prepare_batch(batch, cfg)
+    reasons = dict(zip(rows["key"], rows["skip_reason"]))
+    assert reasons == {**{name: "" for name in files}, "EPS": "unsupported_format", "PCX": "unsupported_format"}
+    for i, name in enumerate(rows["key"]):
+        if reasons[name]:
+            continue
+        hr = np.asarray(Image.open(io.BytesIO(rows["hr"][i])))
+        expected = np.asarray(to_rgb(Image.open(io.BytesIO(files[name]))).crop(tuple(rows["crop_box"][i])))
+        np.testing.assert_array_equal(hr, expected, err_msg=name)
+    ramp = np.asarray(decode_image(files["ramp16.png"], max_pixels=10 ** 6))
+    assert abs(ramp.mean() - 127.5) < 1.5 and ramp[:, 0].max() <= 1 and ramp[:, -1].min() >= 254
