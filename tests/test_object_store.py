@@ -127,9 +127,11 @@ def test_filter_download_encode_on_s3(ray_local, s3, tmp_path, tiny_vae, monkeyp
     ecfg.model, ecfg.data, ecfg.output = trained.model_dir, encoded.output, f"{bucket}/eval"
     ecfg.vae, ecfg.mlflow.tracking_uri, ecfg.resolutions, ecfg.grid.count = "tiny", tracking["tracking_uri"], [128], 1
     ecfg.workers.num_actors = 1
-    # the model held nothing out, so every row is one it trained on: scored anyway (a storage test, not a quality one)
-    ecfg.allow_trained_rows = True
     evaluated = run_evaluate(ecfg)
-    assert evaluated.output.startswith(f"{bucket}/eval/") and evaluated.stats["samples"] == len(LARGE_PHOTOS)
+    # the rows conf/train/local.yaml's split held out (10% by URL hash), as the model's record says
+    from pipelines.holdout import RECORD, HoldoutRecord
+
+    held_out = HoldoutRecord.read(Path(trained.model_dir) / RECORD).held_out_rows
+    assert evaluated.output.startswith(f"{bucket}/eval/") and evaluated.stats["samples"] == held_out > 0
     assert listing(evaluated.output, SUCCESS) and listing(evaluated.output, "results.json")
     assert not list(tmp_path.glob("s3:*")) and not (ROOT / "s3:").exists()
