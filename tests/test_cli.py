@@ -19,6 +19,18 @@ def latent():
     return torch.randn(4, 12, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_takes_half_precision_latent_files(model_dir, latent, tmp_path, dtype):
+    """A latent file saved by an fp16/bf16 pipeline decodes as its float32 values would."""
+    torch.save(latent.to(dtype), tmp_path / "z.pt")
+    out = tmp_path / "out.png"
+    assert main(["decode", "--model", str(model_dir), "--latent", str(tmp_path / "z.pt"), "--size", "64", "--out",
+                 str(out)]) == 0
+    expected = InfGen.from_pretrained(model_dir).decode(latent.to(dtype).float()[None], 64)
+    got = torch.from_numpy(np.asarray(Image.open(out))).permute(2, 0, 1).float() / 127.5 - 1
+    assert (got - expected[0]).abs().max() <= 1 / 127.5 + 1e-6
+
+
 def test_size_is_width_x_height():
     assert parse_cli_size("3840x2160") == (2160, 3840)
     assert parse_cli_size("4096") == (4096, 4096)

@@ -37,3 +37,14 @@ def test_iterative_decode_rejects_another_latent_space(tiny_vae):
     model = InfGen.from_preset("tiny", latent_channels=16).eval()
     with pytest.raises(ValueError, match="does not match the model's latent space"):
         iterative_decode(model, tiny_vae, torch.randn(1, 16, 8, 8), 256)
+
+
+def test_iterative_decode_takes_half_precision_latents(tiny_vae):
+    """fp16/bf16 pipelines return half latents: iterative upsampling decodes them as it decodes float32 ones."""
+    torch.manual_seed(0)
+    model = InfGen.from_preset("tiny").eval()
+    z = torch.randn(1, 4, 8, 8)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = iterative_decode(model, tiny_vae, z.to(dtype), (200, 296))
+        assert out.dtype == torch.float32 and out.shape == (1, 3, 200, 296)
+        assert torch.equal(out, iterative_decode(model, tiny_vae, z.to(dtype).float(), (200, 296)))
