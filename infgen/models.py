@@ -623,14 +623,20 @@ LEGACY_DEFAULTS = {"latent_res_blocks": 0, "upsampler_norm": "pixel"}
 
 
 def load_config(path: Union[str, Path]) -> InfGenConfig:
-    raw = json.loads(Path(path).read_text())
-    raw.pop("model_type", None)
+    """The InfGenConfig a saved config.json describes (config_from_dict)."""
+    return config_from_dict(json.loads(Path(path).read_text()), str(path))
+
+
+def config_from_dict(raw: dict, source: str) -> InfGenConfig:
+    """A saved model config (config.json's content, or a checkpoint's model_config) → InfGenConfig: fields added
+    since it was saved take the value that reproduces the saved model (LEGACY_DEFAULTS). Raises ValueError naming
+    `source` for fields this version does not know."""
+    raw = {k: v for k, v in raw.items() if k != "model_type"}
     for key, value in LEGACY_DEFAULTS.items():  # saved before the field existed: build what was saved
         raw.setdefault(key, value)
-    known = {f.name for f in fields(InfGenConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - {f.name for f in fields(InfGenConfig)})
     if unknown:
-        raise ValueError(f"{path}: unknown config fields {unknown}")
+        raise ValueError(f"{source}: unknown config fields {unknown}")
     return InfGenConfig(**raw)
 
 

@@ -18,10 +18,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from infgen.models import InfGen, InfGenConfig
+from infgen.models import InfGen, config_from_dict
 from infgen.training import InfGenTrainer, unwrap
 
 STATE_FILE = "state.pt"
+# in a training run's directory, beside its checkpoints (pipelines.train writes them)
+RUN_CONFIG = "run_config.json"  # what its checkpoints were trained with (train.check_resume)
+EXPORTED = "exported.json"  # written after the export: step, config hash, MLflow run and model version
 PathLike = Union[str, Path]
 
 
@@ -76,7 +79,7 @@ def load_model(directory: PathLike) -> InfGen:
     if "model_config" not in state:
         raise ValueError(f"{Path(directory) / STATE_FILE}: a checkpoint without model_config (written before it "
                          f"was recorded); evaluate the exported model directory instead")
-    model = InfGen(InfGenConfig(**state["model_config"]))
+    model = InfGen(config_from_dict(state["model_config"], str(Path(directory) / STATE_FILE)))
     model.load_state_dict(state["trainer"]["ema"])
     return model.eval()
 

@@ -32,6 +32,7 @@ from infgen.training import InfGenTrainer, OptimConfig, unwrap
 from infgen.vae import load_vae, vae_config
 
 from pipelines import checkpoint, shards
+from pipelines.checkpoint import EXPORTED, RUN_CONFIG
 from pipelines.common import resolve_files, verbose
 from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
 from pipelines.holdout import RECORD, Holdout, training_split
@@ -39,8 +40,6 @@ from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_has
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.json"  # in the run directory: what its checkpoints were trained with (check_resume)
-EXPORTED = "exported.json"  # in the run directory, written after the export: step, config hash, MLflow run and version
 
 
 # ---- the config ---------------------------------------------------------------------------------------------

@@ -52,3 +52,22 @@ def test_a_checkpoint_without_its_model_config_names_the_way_out(tmp_path):
     torch.save({"trainer": {"ema": InfGen.from_preset("tiny").state_dict()}}, tmp_path / checkpoint.STATE_FILE)
     with pytest.raises(ValueError, match="without model_config.*exported model directory"):
         checkpoint.load_model(tmp_path)
+
+
+def test_a_checkpoint_saved_before_newer_model_fields_loads_as_it_was_trained(tmp_path):
+    """A model_config saved before latent_res_blocks / upsampler_norm existed builds the model it was (the same
+    LEGACY_DEFAULTS as an exported config.json), not today's defaults; an unknown field is named."""
+    from dataclasses import asdict
+
+    from infgen.models import LEGACY_DEFAULTS
+
+    legacy = InfGen.from_preset("tiny", **LEGACY_DEFAULTS)
+    saved = {k: v for k, v in asdict(legacy.config).items() if k not in LEGACY_DEFAULTS}
+    torch.save({"trainer": {"ema": legacy.state_dict()}, "model_config": saved}, tmp_path / checkpoint.STATE_FILE)
+    model = checkpoint.load_model(tmp_path)
+    assert model.config == legacy.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in legacy.state_dict().items())
+    torch.save({"trainer": {"ema": legacy.state_dict()}, "model_config": {**saved, "depth": 3}},
+               tmp_path / checkpoint.STATE_FILE)
+    with pytest.raises(ValueError, match=r"state.pt: unknown config fields \['depth'\]"):
+        checkpoint.load_model(tmp_path)

@@ -74,10 +74,8 @@ def holdout_record(source: str, tracking_uri: Optional[str] = None) -> Optional[
 
 
 def exported_record(model: Optional[str]) -> Optional[dict]:
-    """What training recorded beside an exported model directory (pipelines.train.EXPORTED), if anything."""
-    from pipelines.train import EXPORTED
-
+    """What training recorded beside an exported model directory (pipelines.checkpoint.EXPORTED), if anything."""
     if not model or "://" in model or model.startswith(("runs:/", "models:/")):
         return None
-    path = Path(model).parent / EXPORTED
+    path = Path(model).parent / checkpoint.EXPORTED
     return json.loads(path.read_text()) if path.is_file() else None
