@@ -98,7 +98,7 @@ def decoded_sizes_figure(cfg: DemoConfig, result: PipelineResult, path: Path) ->
     if "train" not in result.stages or "encode" not in result.stages:
         return None
     fs, paths = resolve_files(result.stages["encode"].output)
-    keys = shards.held_out_keys(fs, paths, cfg.holdout.read())  # in file order: the first one
+    keys = cfg.holdout.read().keys_in(shards.key_urls(fs, paths))  # in file order: the first one
     if not keys:
         return None
     latent = torch.from_numpy(shards.latents(shards.read_rows(fs, paths, ["latent"], keys=keys[:1])))

@@ -32,7 +32,6 @@ from PIL import Image
 
 from infgen.images import to_rgb
 from pipelines.common import STATS, publish, read_json, staging_path
-from pipelines.holdout import Holdout
 
 if TYPE_CHECKING:
     import ray.data
@@ -269,12 +268,6 @@ def recorded_latent_space(fs: pafs.FileSystem, paths: Sequence[str]) -> Optional
         return None
     stats = read_json(fs, path)
     return {k: stats[k] for k in ("vae", "scaling_factor", "latent_shape")} if "scaling_factor" in stats else None
-
-
-def held_out_keys(fs: pafs.FileSystem, paths: Sequence[str], holdout: Holdout) -> list[str]:
-    """Keys of the rows that `holdout` (its URL list read) holds out, by their url, in file order; reads only
-    key and url, and nothing when nothing is held out."""
-    return holdout.keys_in(key_urls(fs, paths)) if holdout and paths else []
 
 
 def training_dataset(fs: pafs.FileSystem, paths: Sequence[str], exclude: Sequence[str]) -> "ray.data.Dataset":

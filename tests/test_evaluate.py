@@ -272,11 +272,11 @@ def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
     from pipelines.holdout import Holdout, training_split
-    from pipelines.shards import held_out_keys, key_urls
+    from pipelines.shards import key_urls
 
     fs, paths = resolve_files(str(encoded))
     holdout = read_split({"fraction": 0.5, "seed": 3})
-    keys = held_out_keys(fs, paths, holdout)
+    keys = holdout.keys_in(key_urls(fs, paths))
     assert 0 < len(keys) < 8
     assert training_split(holdout, str(encoded), key_urls(fs, paths), [])[0] == keys
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
@@ -346,7 +346,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
     from pipelines.holdout import RECORD, HoldoutRecord
-    from pipelines.shards import held_out_keys, key_urls
+    from pipelines.shards import key_urls
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos
     urls = [f"http://127.0.0.1:18765/photo{i // 2}.jpg" for i in range(len(latents))]
@@ -354,7 +354,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
     fs, paths = resolve_files(str(encoded))
     (tmp_path / "held.txt").write_text("http://127.0.0.1:18765/photo1.jpg\n")
     split = read_split({"urls": str(tmp_path / "held.txt")})  # a split by file, as the demo's
-    held = sorted(held_out_keys(fs, paths, split))
+    held = sorted(split.keys_in(key_urls(fs, paths)))
     assert len(held) == 2
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
