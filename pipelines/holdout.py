@@ -123,12 +123,6 @@ class HoldoutRecord:
     held_out_rows: int
     sample_keys: tuple[str, ...] = ()  # the sample grid's rows: never trained on either
 
-    @classmethod
-    def build(cls, holdout: Holdout, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
-              sample_keys: Sequence[str] = ()) -> "HoldoutRecord":
-        """The record of training on `files` (each shard's (keys, urls)) with `holdout` (its list read)."""
-        return training_split(holdout, data, files, sample_keys)[1]
-
     @property
     def data_fingerprint(self) -> str:
         """The training data's fingerprint: its shards' fingerprints, hashed."""

@@ -41,7 +41,6 @@ from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_has
 log = logging.getLogger(__name__)
 
 
-
 # ---- the config ---------------------------------------------------------------------------------------------
 
 

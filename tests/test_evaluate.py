@@ -345,7 +345,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
 
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import RECORD, HoldoutRecord
+    from pipelines.holdout import RECORD, training_split
     from pipelines.shards import key_urls
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos
@@ -358,7 +358,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
     assert len(held) == 2
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    HoldoutRecord.build(split, str(encoded), key_urls(fs, paths)).write(model)  # what training writes
+    training_split(split, str(encoded), key_urls(fs, paths), [])[1].write(model)  # what training writes
 
     def planned(data=encoded, **overrides):
         p = plan(dataclass_from(EvalConfig, {"model": str(model), "decoders": ["infgen", "vae_bicubic"],

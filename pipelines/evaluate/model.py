@@ -24,12 +24,18 @@ def model_directory(source: str, tracking_uri: Optional[str] = None) -> Path:
         source = mlflow.artifacts.download_artifacts(source)
     path = Path(source)
     if (path / "MLmodel").is_file():  # an MLflow model, as training logs it (infgen/pyfunc.py): its artifact
-        from mlflow.models import Model
-
-        from infgen.pyfunc import ARTIFACT
-
-        path = path / Model.load(str(path)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
+        path = path / infgen_artifact(path / "MLmodel")
     return path
+
+
+def infgen_artifact(mlmodel: str | Path) -> str:
+    """Where an MLflow model, as training logs it (infgen/pyfunc.py), keeps the exported InfGen directory: its
+    path relative to the MLflow model's directory, read from the MLmodel file."""
+    from mlflow.models import Model
+
+    from infgen.pyfunc import ARTIFACT
+
+    return Model.load(str(mlmodel)).flavors["python_function"]["artifacts"][ARTIFACT]["path"]
 
 
 def load_model(source: str, tracking_uri: Optional[str] = None) -> InfGen:
@@ -53,15 +59,11 @@ def holdout_record(source: str, tracking_uri: Optional[str] = None) -> Optional[
     if source.startswith(("runs:/", "models:/")):
         import mlflow
         from mlflow.exceptions import MlflowException
-        from mlflow.models import Model
-
-        from infgen.pyfunc import ARTIFACT
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         base = source.rstrip("/")
-        artifact = Model.load(mlflow.artifacts.download_artifacts(f"{base}/MLmodel"))
-        folder = artifact.flavors["python_function"]["artifacts"][ARTIFACT]["path"]
+        folder = infgen_artifact(mlflow.artifacts.download_artifacts(f"{base}/MLmodel"))
         try:
             return HoldoutRecord.read(mlflow.artifacts.download_artifacts(f"{base}/{folder}/{RECORD}"))
         except (MlflowException, OSError):  # a model logged without one
