@@ -318,16 +318,21 @@ def filter_batch(batch: pa.Table, mapping: tuple, params: Mapping[str, Any], par
     """Pass-1 UDF: the rows passing every row-level check (OUTPUT_SCHEMA + INTERNAL keys) plus one stats row per
     failing reason (`_reason` > 0, `_count` rows, `_part` = -1, every other column null)."""
     src = dict(mapping)
-    batch = batch.set_column(batch.schema.get_field_index(src["url"]), src["url"], normalize_urls(batch[src["url"]]))
     reason = _row_reasons(batch, src, params)
     idx = np.flatnonzero(reason == 0)
-    reason[idx] = _url_reasons(batch[src["url"]].take(idx), params["allow_private_hosts"])
-    idx = idx[reason[idx] == 0]
+    # URLs are normalised only where the numeric checks passed (~15% of LAION rows): over every row it was 3/4
+    # of this function's time
+    urls = normalize_urls(batch[src["url"]].take(idx))
+    reason[idx] = _url_reasons(urls, params["allow_private_hosts"])
+    passed = reason[idx] == 0
+    idx = idx[passed]
 
     rows = batch.take(idx)
     n = len(idx)
-    cols = {}
+    cols = {"url": urls.filter(passed)}
     for name, column in zip(OUTPUT_SCHEMA.names, OUTPUT_SCHEMA):
+        if name == "url":
+            continue
         if src[name] is None:
             cols[name] = pa.nulls(n, column.type)
         elif name in ("width", "height"):  # checked finite and in [1, 2^31): truncating is safe
