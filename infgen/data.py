@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .images import resize, to_tensor
+from .images import output_size, resize, to_tensor
 from .vae import FrozenVAE
 
 
@@ -66,9 +66,7 @@ def random_target_size(rng: random.Random, sizes: tuple[int, int], multiple: int
                        aspect_range: tuple[float, float] = (1.0, 1.0)) -> tuple[int, int]:
     """(H, W): the long side uniform in `sizes` (inclusive), aspect W/H in aspect_range, multiples of `multiple`."""
     long_side = rng.randint(sizes[0] // multiple, sizes[1] // multiple) * multiple
-    aspect = rng.uniform(*aspect_range)
-    short = max(multiple, round(long_side / max(aspect, 1 / aspect) / multiple) * multiple)
-    return (short, long_side) if aspect >= 1 else (long_side, short)
+    return output_size(rng.uniform(*aspect_range), long_side, multiple)
 
 
 def targets_at(hr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

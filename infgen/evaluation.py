@@ -1,11 +1,12 @@
-"""Evaluation core, plain PyTorch: the decoders compared, the output size per resolution, and the
-accumulator one evaluation worker fills.
+"""Evaluation core, plain PyTorch: the decoders compared and the accumulator one evaluation worker fills.
 
-pipelines/evaluate/ runs one `EvalAccumulator` per Ray actor over its share of the data and merges them
-(statistics are float64 sums, samples are priority-bounded, so merging is exact whatever the split).
+pipelines/evaluate/ runs one `EvalAccumulator` per Ray actor over its share of the data; the driver merges the
+actors' statistics and samples one at a time (pipelines/evaluate/scores.py), never whole accumulators (statistics
+are float64 sums, samples are priority-bounded, so merging is exact whatever the split).
 
 At a resolution R (the long side), each sample is decoded to (H, W) with the long side R and the aspect of
-its ground truth (reconstruction) or of its latent (generation), sides multiples of 8. Per decoder and R:
+its ground truth (reconstruction) or of its latent (generation), sides multiples of 8 (images.output_size).
+Per decoder and R:
   * `image_pool` stats: Inception pool_3 of the whole image (resized to 299²): FID;
   * `patch_pool` / `patch_spatial` stats of the protocol's patches: FIDp / sFIDp;
   * a `FeatureSample` of patch pool features: precision/recall (k=3) and KID on patches;
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from .fid import FeatureExtractor, FeatureSample, PatchProtocol, RunningStats, patch_priority
-from .images import center_crop, resize, to_pil, to_tensor
+from .images import center_crop, output_size, resize, to_pil, to_tensor
 from .metrics import psnr, ssim
 from .models import InfGen
 from .upsample import iterative_decode, iterative_schedule
@@ -38,14 +39,6 @@ from .vae import FrozenVAE
 DECODERS = ("infgen", "infgen_iterative", "vae_bicubic", "vae_lanczos")
 REFERENCE = "reference"
 FEATURES = ("image_pool", "patch_pool", "patch_spatial")
-
-
-def output_size(aspect: float, long_side: int, multiple: int = 8) -> tuple[int, int]:
-    """(H, W) with max(H, W) = long_side and W/H ≈ aspect, the short side rounded to a multiple of `multiple`."""
-    if long_side % multiple:
-        raise ValueError(f"resolution {long_side} is not a multiple of {multiple}")
-    short = max(multiple, round(long_side / max(aspect, 1 / aspect) / multiple) * multiple)
-    return (short, long_side) if aspect >= 1 else (long_side, short)
 
 
 def lanczos_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -214,6 +207,8 @@ class EvalAccumulator:
     # ---- merging ----------------------------------------------------------------------------------------
 
     def merge(self, other: "EvalAccumulator") -> "EvalAccumulator":
+        """Add `other`'s measurements into this one, in one process (the Ray driver merges statistic by
+        statistic instead, to hold few in memory at once); returns self."""
         for key, stats in other.stats.items():
             self.stats[key] = self.stats[key].merge(stats) if key in self.stats else stats
         for key, sample in other.samples.items():

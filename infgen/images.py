@@ -168,6 +168,15 @@ def region_at(image: Image.Image, box: tuple[int, int, int, int], size: int) -> 
     return to_tensor(image.resize((size, size), Image.LANCZOS, box=box, reducing_gap=2.0))
 
 
+def output_size(aspect: float, long_side: int, multiple: int = 8) -> tuple[int, int]:
+    """(H, W) with max(H, W) = long_side and W/H ≈ aspect, the short side rounded to a multiple of `multiple`
+    (never under one multiple). Raises ValueError when long_side is not a multiple."""
+    if long_side % multiple:
+        raise ValueError(f"resolution {long_side} is not a multiple of {multiple}")
+    short = max(multiple, round(long_side / max(aspect, 1 / aspect) / multiple) * multiple)
+    return (short, long_side) if aspect >= 1 else (long_side, short)
+
+
 def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Antialiased resize of (B, 3, H, W) images in [-1, 1] to size (H, W)."""
     if tuple(images.shape[-2:]) == tuple(size):

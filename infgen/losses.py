@@ -1,5 +1,6 @@
 """L1 + L2 + LPIPS + adversarial loss. One object owns the PatchGAN discriminator, its warm-up and the adaptive
-weight; each call returns (loss, log dict)."""
+weight; each call returns (loss, log dict). `unwrap` (the module inside a DDP wrapper) is here, the lowest module
+that needs it: the discriminator and, in infgen.training, the generator."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .metrics import load_lpips
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
 
 
 @dataclass
@@ -82,7 +88,7 @@ class InfGenLoss(nn.Module):
 
         # the raw module, not a DDP wrapper: this forward must not join DDP's gradient sync, and the
         # discriminator's gradients come from discriminator_loss only
-        discriminator = getattr(self.discriminator, "module", self.discriminator)
+        discriminator = unwrap(self.discriminator)
         discriminator.requires_grad_(False)
         logits_fake = discriminator(images)
         discriminator.requires_grad_(True)

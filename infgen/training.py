@@ -1,7 +1,7 @@
 """One training step of InfGen in plain PyTorch: generator, EMA, discriminator, optimizers, schedules.
 
 Distributed wiring (Ray Train, DDP) lives outside infgen/: pass a DDP-wrapped model and this code works
-unchanged, since it only calls model(...) and reaches the raw module through `unwrap`.
+unchanged, since it only calls model(...) and reaches the raw module through `losses.unwrap`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .losses import InfGenLoss
+from .losses import InfGenLoss, unwrap
 
 
 @dataclass
@@ -46,11 +46,6 @@ def autocast_bf16(device: torch.device, wanted: bool) -> bool:
     if not wanted:
         return False
     return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(model, "module", model)
 
 
 class InfGenTrainer:

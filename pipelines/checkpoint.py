@@ -18,8 +18,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from infgen.losses import unwrap
 from infgen.models import InfGen, config_from_dict
-from infgen.training import InfGenTrainer, unwrap
+from infgen.training import InfGenTrainer
 
 STATE_FILE = "state.pt"
 # in a training run's directory, beside its checkpoints (pipelines.train writes them)

@@ -124,8 +124,9 @@ def renames_are_atomic(fs: pafs.FileSystem) -> bool:
 
 
 def staging_path(fs: pafs.FileSystem, path: str) -> str:
-    """Where to write the file `path` so that no reader ever sees half of it: a temporary name beside it, to be
-    renamed (`publish`), where renames are atomic; `path` itself on object stores, where an upload appears whole."""
+    """Where to write the file (or directory) `path` so that no reader ever sees half of it: a temporary name
+    beside it, to be renamed (`publish`), where renames are atomic; `path` itself on object stores, where an
+    upload appears whole."""
     return f"{path}.tmp-{uuid.uuid4().hex[:8]}" if renames_are_atomic(fs) else path
 
 

@@ -67,7 +67,8 @@ class RayConfig:
 
 @dataclass
 class MlflowConfig:
-    """The `mlflow` section: where a stage's run is logged. A stage sets its own default experiment."""
+    """The `mlflow` section: where a stage's run is logged. A stage sets its own default experiment where it
+    declares the section: `field(default_factory=lambda: MlflowConfig(experiment=...))` (or its subclass)."""
 
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "infgen"

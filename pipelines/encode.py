@@ -72,7 +72,6 @@ PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 class EncodeMlflow(MlflowConfig):
     """The encode stage's `mlflow` section: `enabled: false` logs nothing (benchmarks, reruns in tests)."""
 
-    experiment: str = "infgen-data"
     enabled: bool = True
 
 
@@ -105,7 +104,7 @@ class EncodeConfig:
     decode_threads: Optional[int] = None  # per actor, decoding and cropping beside the VAE; default: its CPUs
     ray: RayConfig = field(default_factory=RayConfig)
     grid_samples: int = 4  # crops next to their VAE decode, logged to MLflow (0: none)
-    mlflow: EncodeMlflow = field(default_factory=EncodeMlflow)
+    mlflow: EncodeMlflow = field(default_factory=lambda: EncodeMlflow(experiment="infgen-data"))
 
     def __post_init__(self) -> None:
         require(vars(self), ("input", "output"), "encode")

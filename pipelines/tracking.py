@@ -276,9 +276,9 @@ class Tracker:
 
             import infgen
             from infgen import pyfunc
-            from infgen.models import load_config
+            from infgen.models import CONFIG_NAME, load_config
 
-            config = load_config(Path(model_dir) / "config.json")
+            config = load_config(Path(model_dir) / CONFIG_NAME)
             mlflow.set_tracking_uri(self.tracking_uri)
             # the fluent API logs models; attach it to this run (ending it there: the model comes last)
             with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():

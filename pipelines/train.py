@@ -26,9 +26,9 @@ import torch
 
 from infgen.data import random_target_size, target_window
 from infgen.images import resize
-from infgen.losses import InfGenLoss, LossConfig
+from infgen.losses import InfGenLoss, LossConfig, unwrap
 from infgen.models import INFGEN_PRESETS, WEIGHTS_NAME, InfGen, InfGenConfig
-from infgen.training import InfGenTrainer, OptimConfig, unwrap
+from infgen.training import InfGenTrainer, OptimConfig
 from infgen.vae import load_vae, vae_config
 
 from pipelines import checkpoint, shards
@@ -86,8 +86,15 @@ class SamplesConfig:
 class TrainMlflow(MlflowConfig):
     """The training run's `mlflow` section: the exported model is registered under `registered_model_name`."""
 
-    experiment: str = "infgen-train"
     registered_model_name: Optional[str] = None
+
+
+@dataclass
+class TrainOptim(OptimConfig):
+    """The training run's `optim` section: the schedule spans the run, so total_steps is train.steps (left out,
+    or set to the same value)."""
+
+    total_steps: Optional[int] = None
 
 
 @dataclass
@@ -105,10 +112,10 @@ class TrainConfig:
     init_from: Optional[str] = None  # a checkpoint or exported model to start from (stage 2)
     holdout: Holdout = field(default_factory=Holdout)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # total_steps: train.steps
+    optim: TrainOptim = field(default_factory=TrainOptim)
     loss: LossConfig = field(default_factory=LossConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
-    mlflow: TrainMlflow = field(default_factory=TrainMlflow)
+    mlflow: TrainMlflow = field(default_factory=lambda: TrainMlflow(experiment="infgen-train"))
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -116,7 +123,11 @@ class TrainConfig:
         if self.preset not in INFGEN_PRESETS:
             raise ValueError(f"training config: preset={self.preset!r} is not one of {sorted(INFGEN_PRESETS)}")
         InfGenConfig(**{**INFGEN_PRESETS[self.preset], **self.model})  # the overrides' values, by its own checks
-        self.optim = replace(self.optim, total_steps=self.train.steps)  # the schedule spans the run
+        steps = self.train.steps
+        if self.optim.total_steps not in (None, steps):  # never silently replaced by train.steps
+            raise ValueError(f"training config: optim.total_steps={self.optim.total_steps} differs from "
+                             f"train.steps={steps}; the schedule spans the run: leave optim.total_steps out")
+        self.optim = replace(self.optim, total_steps=steps)
 
 
 @dataclass

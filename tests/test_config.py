@@ -82,6 +82,13 @@ def test_ray_and_mlflow_sections_are_shared():
             for cls, extra in ((FilterConfig, {}), (DecodeConfig, {"model": "m"}))]
     assert all(type(c.ray) is RayConfig and c.ray.num_cpus == 2 for c in cfgs)
     assert [c.mlflow.experiment for c in cfgs] == ["infgen-data", "infgen-decode"]
+    # the stages whose section is a subclass keep their experiment when a key of the section is set
+    from pipelines.encode import EncodeConfig
+    from pipelines.train import TrainConfig
+
+    section = {"mlflow": {"tracking_uri": "http://x"}}
+    assert dataclass_from(EncodeConfig, {"input": "i", "output": "o", **section}).mlflow.experiment == "infgen-data"
+    assert dataclass_from(TrainConfig, {"data": "d", "output": "o", **section}).mlflow.experiment == "infgen-train"
 
 
 def test_a_job_checks_its_config_once_then_runs_the_object(monkeypatch, capsys):

@@ -15,11 +15,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from infgen.data import photo_pairs
-from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator, output_size
+from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator
 from infgen.fid import FeatureSample, PatchProtocol, RandomConvFeatures, kernel_inception_distance, patch_priority
 from infgen.models import InfGen
 from pipelines.config import dataclass_from
 from pipelines.evaluate import EvalConfig, EvalWorker, plan, run_evaluate, select
+from pipelines.evaluate.plan import Plan
+from pipelines.evaluate.report import evaluation_note
 from pipelines.sample_data import write_encoded_shards
 from pipelines.shards import read_rows
 
@@ -27,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the plain core -------------------------------------------------------------------------------------
-
-
-def test_output_size_keeps_aspect_and_multiples():
-    assert output_size(1.0, 512) == (512, 512)
-    assert output_size(1.5, 1024) == (680, 1024)
-    assert output_size(0.75, 1024) == (1024, 768)
-    assert output_size(100.0, 256) == (8, 256)  # never below one latent token
-    with pytest.raises(ValueError, match="multiple of 8"):
-        output_size(1.0, 500)
 
 
 def test_feature_sample_is_split_invariant_and_pairs_real_with_fake():
@@ -113,6 +106,15 @@ def test_config_errors_name_the_problem(tmp_path):
         dataclass_from(EvalConfig, {**base, "workers": {"gpus": 1}})
     with pytest.raises(ValueError, match="no `model` is set"):
         dataclass_from(EvalConfig, {**base, "model": None})
+
+
+def test_the_note_says_whether_the_scored_samples_were_held_out():
+    rows = [{"decoder": d, "resolution": 128, "psnr": v} for d, v in (("infgen", 20.0), ("vae_bicubic", 25.0))]
+    note = lambda **held: evaluation_note(rows, Plan([], [], None, 6, [], **held), "features", "lpips")
+    assert "PSNR on 6 held-out samples: 128: 20.00 vs 25.00 dB (-5.00)." in note(holdout_source="model record")
+    assert "PSNR on 6 samples, 2 of them trained on (allow_trained_rows): 128:" in note(
+        holdout_source="model record", trained_rows=2)
+    assert "PSNR on 6 samples (no holdout split): 128:" in note(holdout_source="none")
 
 
 # ---- the Ray job ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""infgen.images.to_rgb: the one way every stage turns a file into training pixels (issue 13's odd images)."""
+"""infgen.images: to_rgb, the one way every stage turns a file into training pixels (issue 13's odd images), and
+output_size, the (H, W) that training and evaluation decode to at a long side and an aspect."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infgen.images import BACKGROUND, UnsupportedImage, to_rgb
+from infgen.images import BACKGROUND, UnsupportedImage, output_size, to_rgb
 
 
 def reopen(image: Image.Image, fmt: str, **kwargs) -> Image.Image:
@@ -79,3 +80,12 @@ def test_refusals_are_named():
     with pytest.raises(UnsupportedImage, match="corrupt: F image with NaN") as e:
         to_rgb(Image.fromarray(nan))
     assert e.value.reason == "corrupt"
+
+
+def test_output_size_keeps_aspect_and_multiples():
+    assert output_size(1.0, 512) == (512, 512)
+    assert output_size(1.5, 1024) == (680, 1024)
+    assert output_size(0.75, 1024) == (1024, 768)
+    assert output_size(100.0, 256) == (8, 256)  # never below one latent token
+    with pytest.raises(ValueError, match="multiple of 8"):
+        output_size(1.0, 500)

@@ -16,10 +16,11 @@ from infgen.data import photo_pairs
 from infgen.models import InfGen
 from pipelines.checkpoint import STATE_FILE
 from pipelines.common import resolve_files
+from pipelines.config import dataclass_from
 from pipelines.holdout import RECORD, Holdout, HoldoutRecord
 from pipelines.shards import key_urls
 from pipelines.sample_data import write_encoded_shards
-from pipelines.train import build_model, run_train
+from pipelines.train import TrainConfig, build_model, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LPIPS with a RANDOM")
@@ -252,6 +253,16 @@ def test_unknown_training_keys_fail_before_any_worker_starts(tmp_path):
     cfg.holdout.fraction = 1.5
     with pytest.raises(ValueError, match=r"holdout.fraction must be a number in \[0, 1\), got 1.5"):
         run_train(cfg)
+
+
+def test_the_schedule_spans_the_run_and_another_total_steps_is_refused(tmp_path):
+    cfg = config(tmp_path, tmp_path / "train", None)  # train.steps: 24, optim.total_steps left out
+    assert dataclass_from(TrainConfig, cfg).optim.total_steps == 24
+    cfg.optim.total_steps = 24
+    assert dataclass_from(TrainConfig, cfg).optim.total_steps == 24
+    cfg.optim.total_steps = 1000  # never silently replaced
+    with pytest.raises(ValueError, match=r"optim.total_steps=1000 differs from train.steps=24"):
+        dataclass_from(TrainConfig, cfg)
 
 
 def test_a_rerun_with_another_model_config_is_refused_before_any_worker_starts(tmp_path):

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import pyarrow.fs as pafs
 
 from infgen.io import LATENT_SUFFIXES, load_latents
+from infgen.models import CONFIG_NAME
 from pipelines import shards
 from pipelines.common import resolve_files, uri
 from pipelines.evaluate.config import EvalConfig
@@ -73,7 +74,7 @@ def plan(cfg: EvalConfig) -> Plan:
 
 def expected_latent_channels(cfg: EvalConfig) -> Optional[int]:
     """The model's latent channels, when its config is readable here (a local exported model)."""
-    config = Path(cfg.model or "") / "config.json"
+    config = Path(cfg.model or "") / CONFIG_NAME
     return json.loads(config.read_text()).get("latent_channels") if cfg.model and config.is_file() else None
 
 

@@ -5,7 +5,6 @@ those and reused by the next evaluation of another model on the same data."""
 from __future__ import annotations
 
 import io
-import os
 from typing import Optional
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow.fs as pafs
 
 from infgen.evaluation import FEATURES
 from infgen.fid import FeatureSample, RunningStats
-from pipelines.common import output_root, read_json, remove_dir, renames_are_atomic, write_bytes, write_json
+from pipelines.common import output_root, publish, read_json, staging_path, write_bytes, write_json
 from pipelines.evaluate.config import EvalConfig
 from pipelines.tracking import config_hash
 
@@ -42,28 +41,24 @@ def reference_is_cached(fs: pafs.FileSystem, path: str) -> bool:
 def save_reference(fs: pafs.FileSystem, path: str, stats: dict[str, RunningStats], sample: Optional[FeatureSample],
                    counts: dict) -> None:
     """Write the cache entry `path`: one RunningStats npz per feature, the sample, then counts.json, so a reader
-    never takes half an entry for one. Where renames are atomic, into a temporary directory renamed at the end;
-    on object stores in place (a rerun overwrites what a crashed one left: the same key gives the same files).
-    An entry another evaluation completed first is kept."""
+    never takes half an entry for one. Staged as one directory (pipelines.common.staging_path: a temporary one
+    renamed at the end where renames are atomic; on object stores in place, where a rerun overwrites what a
+    crashed one left: the same key gives the same files). An entry another evaluation completed first is kept."""
     if reference_is_cached(fs, path):
         return
-    atomic = renames_are_atomic(fs)
-    target = f"{path}.tmp-{os.getpid()}" if atomic else path
-    if atomic:
-        remove_dir(fs, target)
-    fs.create_dir(target, recursive=True)
+    staged = staging_path(fs, path)
+    fs.create_dir(staged, recursive=True)
     for name, s in stats.items():
-        write_bytes(fs, f"{target}/{name}.npz", s.to_npz(io.BytesIO()).getvalue())
+        write_bytes(fs, f"{staged}/{name}.npz", s.to_npz(io.BytesIO()).getvalue())
     if sample is not None and len(sample):
         buffer = io.BytesIO()
         np.savez(buffer, features=sample.features, priorities=sample.priorities, capacity=sample.capacity)
-        write_bytes(fs, f"{target}/sample.npz", buffer.getvalue())
-    write_json(fs, f"{target}/{REFERENCE_DONE}", counts)
-    if atomic:
-        try:
-            fs.move(target, path)
-        except OSError:  # another evaluation cached the same entry first
-            fs.delete_dir(target)
+        write_bytes(fs, f"{staged}/sample.npz", buffer.getvalue())
+    write_json(fs, f"{staged}/{REFERENCE_DONE}", counts)
+    try:
+        publish(fs, staged, path)
+    except OSError:  # another evaluation cached the same entry first
+        fs.delete_dir(staged)
 
 
 def load_reference(fs: pafs.FileSystem, path: str) -> tuple[dict[str, RunningStats], Optional[FeatureSample], dict]:

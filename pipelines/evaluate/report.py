@@ -107,7 +107,7 @@ def crop_grid(crops: dict, keys: list[str], res: int, decoders: list[str]) -> Op
     return buffer.getvalue()
 
 
-def log_results(tracker: Any, cfg: EvalConfig, rows: list[dict], samples: int, lpips_note: str,
+def log_results(tracker: Any, cfg: EvalConfig, rows: list[dict], p: Plan, lpips_note: str,
                 fs: pafs.FileSystem, paths: list[str]) -> None:
     """The evaluation's MLflow run: each metric named with its decoder and resolution (infgen's also on the
     registered model version it scored, when there is one), the table, the description, the files at `paths`."""
@@ -118,26 +118,34 @@ def log_results(tracker: Any, cfg: EvalConfig, rows: list[dict], samples: int, l
         tracker.log_metrics({f"{m}/{row['decoder']}/{row['resolution']}": row[m]
                              for m in METRICS if row.get(m) is not None},
                             model_id=logged_model_id(version) if row["decoder"] == "infgen" else None)
-    tracker.log_metrics({"samples": samples})
+    tracker.log_metrics({"samples": p.samples})
     tracker.log_table(rows, "evaluation/results_table.json")
-    tracker.set_note(evaluation_note(rows, samples, extractor_id(cfg), lpips_note))
+    tracker.set_note(evaluation_note(rows, p, extractor_id(cfg), lpips_note))
     with local_files(fs, paths) as local:
         for path in local:
             tracker.log_artifact(path, "evaluation")
 
 
-def evaluation_note(rows: list[dict], samples: int, extractor: str, lpips_note: str) -> str:
-    """One paragraph: infgen against VAE + bicubic at each resolution (PSNR, SSIM), and the caveats."""
+def evaluation_note(rows: list[dict], p: Plan, extractor: str, lpips_note: str) -> str:
+    """One paragraph: infgen against VAE + bicubic at each resolution (PSNR), on which samples, and the caveats."""
     by = {(r["decoder"], r["resolution"]): r for r in rows}
     parts = []
     for res in sorted({r["resolution"] for r in rows}):
         ours, base = by.get(("infgen", res)), by.get(("vae_bicubic", res))
         if ours and base and ours.get("psnr") is not None and base.get("psnr") is not None:
             parts.append(f"{res}: {ours['psnr']:.2f} vs {base['psnr']:.2f} dB ({ours['psnr'] - base['psnr']:+.2f})")
-    head = (f"infgen against VAE decode + bicubic, PSNR on {samples} held-out samples: " + "; ".join(parts) + "."
-            if parts else f"{samples} samples; decoders: {sorted({r['decoder'] for r in rows})}.")
+    head = (f"infgen against VAE decode + bicubic, PSNR on {scored_samples(p)}: " + "; ".join(parts) + "."
+            if parts else f"{p.samples} samples; decoders: {sorted({r['decoder'] for r in rows})}.")
     return (f"{head} Patch features: {extractor}. LPIPS: {lpips_note}. Full table: evaluation/results_table.json "
             f"and results.csv; side-by-side crops: evaluation/crops_<resolution>.png.")
+
+
+def scored_samples(p: Plan) -> str:
+    """The samples a reconstruction scored, named for what they are: held out from the model's training, partly
+    trained on (allow_trained_rows), or neither known (no holdout split and no model record)."""
+    if p.trained_rows:
+        return f"{p.samples} samples, {p.trained_rows} of them trained on (allow_trained_rows)"
+    return f"{p.samples} held-out samples" if p.holdout_source != "none" else f"{p.samples} samples (no holdout split)"
 
 
 def print_table(rows: list[dict]) -> None:

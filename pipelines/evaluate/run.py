@@ -62,7 +62,7 @@ def run_evaluate(config: EvalConfig | Mapping[str, Any]) -> StageResult:
         for actor in actors:
             ray.kill(actor)
         names, results = write_outputs(cfg, fs, out_dir, rows, summary, p, lpips_note, cached, time.time() - start)
-        log_results(tracker, cfg, rows, p.samples, lpips_note, fs, [f"{out_dir}/{name}" for name in names])
+        log_results(tracker, cfg, rows, p, lpips_note, fs, [f"{out_dir}/{name}" for name in names])
         tracker.log_metrics({"eval_seconds": time.time() - start})
         mark_success(fs, out_dir)
         print_table(rows)
