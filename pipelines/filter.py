@@ -66,9 +66,11 @@ PARAMS = ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "
 # PARTITIONS_PER_CPU per CPU of the cluster so every core has work (8: measured fastest on 2 CPUs, 10M rows)
 ROWS_PER_PARTITION = 20_000_000
 PARTITIONS_PER_CPU = 8
-# input rows per filter task (Ray Data bundles read blocks up to it): measured on 10M / 50M synthetic rows, 2 CPUs,
-# against one ~625k-row block per task: the driver's peak after the dedup 226 / 246 MiB instead of 228 / 282, the
-# pass 11.8 / 42.0 s instead of 13.6 / 48.5 s; 2.5M rows per task was flatter (224 / 234) but slower (16.7 / 70.4 s)
+# input rows per filter task (Ray Data bundles read blocks up to it). The sort shuffle's driver keeps state per
+# (block entering it × partition), so fewer, larger blocks keep the driver smaller. Measured on 10M / 50M synthetic
+# rows, 2 CPUs, against one ~625k-row block per task: the driver's peak after the dedup 226 / 246 MiB instead of
+# 228 / 282, the pass 11.8 / 42.0 s instead of 13.6 / 48.5 s; 2.5M rows per task was flatter (224 / 234) but slower
+# (16.7 / 70.4 s)
 FILTER_BATCH_ROWS = 1_250_000
 _CAP_BITS = 16  # max_rows: histogram of the top bits of the (url, seed) hash
 
@@ -545,8 +547,7 @@ def _dedup(groups: dict[tuple, list[str]], fs: pafs.FileSystem, params: dict, pa
         columns = [c for _, c in mapping if c is not None]
         kwargs = {"mapping": mapping, "params": params, "partitions": partitions}
         # select_columns is pushed down into the parquet read (`columns=` is deprecated in Ray 2.60)
-        # FILTER_BATCH_ROWS per task, not one read block: the sort shuffle's driver keeps state per (block entering
-        # it × partition), so fewer, larger blocks keep the driver smaller, and it measured faster too
+        # FILTER_BATCH_ROWS per task, not one read block: fewer blocks enter the sort shuffle (see there)
         parts.append(ray.data.read_parquet(group, filesystem=fs).select_columns(columns).map_batches(
             filter_batch, batch_format="pyarrow", batch_size=FILTER_BATCH_ROWS, fn_kwargs=kwargs))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
