@@ -19,7 +19,8 @@ How it runs (one read of the input, exact counts, nothing proportional to the ro
      exact (a side-effect counter would double count retries). Passing rows carry a 128-bit URL hash (two
      SipHash keys), a content hash of the row and their URL's hash partition.
   2. Dedup is a distributed group-by: Ray Data shuffles the passing rows by hash partition (`partitions` of
-     them), so every copy of a URL meets in one `map_groups` call, which keeps the copy with the smallest content
+     them; Ray's push-based sort shuffle, whose driver state grows with blocks, not blocks × partitions), so every
+     copy of a URL meets in one `map_groups` call, which keeps the copy with the smallest content
      hash (the choice depends on the data, not on file order or scheduling; rows that tie are identical) and
      adds a stats row counting the copies dropped. The result is materialized (object store, spilled to disk
      when it outgrows memory); the driver only sums stats rows, a few per block.
@@ -66,11 +67,11 @@ PARAMS = ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "
 # PARTITIONS_PER_CPU per CPU of the cluster so every core has work (8: measured fastest on 2 CPUs, 10M rows)
 ROWS_PER_PARTITION = 20_000_000
 PARTITIONS_PER_CPU = 8
-# input rows per filter task (Ray Data bundles read blocks up to it). The sort shuffle's driver keeps state per
-# (block entering it × partition), so fewer, larger blocks keep the driver smaller. Measured on 10M / 50M synthetic
-# rows, 2 CPUs, against one ~625k-row block per task: the driver's peak after the dedup 226 / 246 MiB instead of
-# 228 / 282, the pass 11.8 / 42.0 s instead of 13.6 / 48.5 s; 2.5M rows per task was flatter (224 / 234) but slower
-# (16.7 / 70.4 s)
+# input rows per filter task (Ray Data bundles read blocks up to it): the shuffle's driver keeps state per block
+# entering it, so fewer, larger blocks keep the driver smaller. Measured with the pull-based sort shuffle on 10M /
+# 50M synthetic rows, 2 CPUs, against one ~625k-row block per task: the driver's peak after the dedup 226 / 246 MiB
+# instead of 228 / 282, the pass 11.8 / 42.0 s instead of 13.6 / 48.5 s; 2.5M rows per task was flatter (224 / 234)
+# but slower (16.7 / 70.4 s)
 FILTER_BATCH_ROWS = 1_250_000
 _CAP_BITS = 16  # max_rows: histogram of the top bits of the (url, seed) hash
 
@@ -554,10 +555,13 @@ def _dedup(groups: dict[tuple, list[str]], fs: pafs.FileSystem, params: dict, pa
     # Set on this dataset's context only (what follows inherits it), not on the process-wide DataContext:
     # - per-operator CPU reservation keeps one of two CPUs idle on a small node (1.1 tasks in flight instead of
     #   1.8, measured); these task-only chains cannot starve each other;
-    # - the pull-based sort shuffle: 6.8 s for read + checks + dedup of 10M rows on 2 CPUs, against 20.5 s with
-    #   Ray 2.60's default hash shuffle (its aggregator actors), measured on filter_speed.py's data.
+    # - the push-based sort shuffle (Ray's choice for shuffles of many blocks): its merge tasks combine the map
+    #   outputs, so the driver's state grows with blocks, not blocks × partitions as the pull-based one's does.
+    #   Read + checks + dedup of 10M / 50M / 100M synthetic rows (filter_speed.py's data, 2 CPUs, 16 partitions),
+    #   the driver's peak: push 227 / 238 / 251 MiB in 20 / 71 / 283 s; pull 226 / 246 / 286 MiB in 15 / 110 /
+    #   125 s; Ray 2.60's hash shuffle (aggregator actors) 225 / 234 / 243 MiB, but 775 s at 100M rows.
     ds.context.op_resource_reservation_enabled = False
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED
     return ds.groupby("_part", num_partitions=partitions).map_groups(dedup_partition, batch_format="pyarrow").materialize()
 
 
