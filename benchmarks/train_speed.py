@@ -4,7 +4,7 @@ same steps on the same data, with 1 and 2 Ray Train workers, in one run (see REA
 The bare loop builds the model, loss and trainer from the same config sections the Ray loop uses (`build_model`,
 `LossConfig`/`OptimConfig` from conf/train/local.yaml), reads the same parquet shards with pyarrow (minus the same
 held-out sample rows), decodes and resizes the PNG targets with the same `decode_targets` to the same per-step size
-(`target_size_for_step`) and runs `InfGenTrainer.train_step` with the same global batch and torch threads. It
+(`step_geometry`) and runs `InfGenTrainer.train_step` with the same global batch and torch threads. It
 warms up for `log_every` steps and times the rest, i.e. exactly the step indices of the Ray runs' steady-state log
 windows, so both sides time the same target sizes and the same discriminator on/off mix.
 
@@ -106,8 +106,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     from pipelines import shards
     from pipelines.common import resolve_files
     from pipelines.config import dataclass_from
-    from pipelines.train import (TrainConfig, build_model, decode_targets, target_size_for_step,
-                                 window_for_step)
+    from pipelines.train import TrainConfig, build_model, decode_targets, step_geometry
 
     checked = dataclass_from(TrainConfig, cfg)  # as run_train checks it
     train = checked.train
@@ -132,8 +131,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
             epoch += 1
 
     def step_data(step: int, lat, hr) -> tuple:
-        size = target_size_for_step(train, step)
-        region = window_for_step(train, step, size, trainer.model.config.scale)
+        size, region = step_geometry(train, step, trainer.model.config.scale)
         return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, size, region), size, region
 
     data = batches()

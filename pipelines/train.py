@@ -147,24 +147,21 @@ class TrainResult:
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
-def target_size_for_step(train: TrainLoopConfig, step: int) -> tuple[int, int]:
-    """The batch's output size (H, W): drawn from the configured range, the same on every rank and on resume."""
-    rng = random.Random(train.seed * 1_000_003 + step)
-    return random_target_size(rng, tuple(train.sizes), train.multiple, tuple(train.aspect_range))
-
-
-def window_for_step(train: TrainLoopConfig, step: int, size: tuple[int, int],
-                    scale: int) -> Optional[tuple[int, int, int, int]]:
-    """The output window this step trains on, (top, left, height, width) in pixels (multiples of `scale`), or
-    None for the whole output: `train.window` px per side at a seeded position, the same on every rank."""
+def step_geometry(train: TrainLoopConfig, step: int, scale: int) -> tuple[tuple[int, int], Optional[tuple]]:
+    """What step `step` decodes, the same on every rank and on resume: the output size (H, W), drawn from
+    `train.sizes` / `aspect_range` (multiples of `train.multiple`), and the window it trains on, (top, left,
+    height, width) in pixels (multiples of `scale`), `train.window` px per side at a seeded position; the window
+    is None (the whole output) when `train.window` is null or covers the output."""
+    seed = train.seed * 1_000_003 + step
+    size = random_target_size(random.Random(seed), tuple(train.sizes), train.multiple, tuple(train.aspect_range))
     side = train.window
     if not side or side >= max(size):
-        return None
-    rng = random.Random((train.seed * 1_000_003 + step) * 31 + 7)
+        return size, None
+    rng = random.Random(seed * 31 + 7)
     height, width = min(side, size[0]) // scale * scale, min(side, size[1]) // scale * scale
     top = rng.randint(0, (size[0] - height) // scale) * scale
     left = rng.randint(0, (size[1] - width) // scale) * scale
-    return top, left, height, width
+    return size, (top, left, height, width)
 
 
 def decode_targets(hr: Sequence[bytes], size: tuple[int, int],
@@ -312,8 +309,7 @@ def train_loop(loop: dict) -> None:
         scale = unwrap(trainer.model).config.scale
 
         def plan(step: int) -> tuple:
-            size = target_size_for_step(train, step)
-            return size, window_for_step(train, step, size, scale)
+            return step_geometry(train, step, scale)
 
         while trainer.step < train.steps:
             raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
@@ -390,23 +386,23 @@ def training_note(cfg: TrainConfig, step: int, sampler: "SampleGrid") -> str:
             f"({len(sampler.latents)} samples: a progress signal; the evaluate stage measures quality).")
 
 
-def resume_shape(cfg: TrainConfig) -> dict:
-    """What a run's checkpoints depend on (check_resume): preset, model overrides, loss, data and VAE."""
-    return {"preset": cfg.preset, "model": cfg.model, "loss": asdict(cfg.loss), "data": cfg.data, "vae": cfg.vae}
-
-
-def check_resume(run_dir: str, shape: Mapping[str, Any]) -> None:
-    """A rerun resumes the checkpoints in `run_dir` only with the model, loss and data they were trained with
-    (`shape`, as resume_shape gives it): anything else is a ValueError on the driver naming the keys that differ
-    (before any worker starts and dies on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
+def check_resume(run_dir: str, cfg: TrainConfig) -> None:
+    """A rerun resumes the checkpoints in `run_dir` only with the preset, model overrides, loss, data and VAE
+    they were trained with: anything else is a ValueError on the driver naming the keys that differ (before any
+    worker starts and dies on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
     from pipelines.tracking import flatten
 
     if "://" in run_dir:
         return
-    shape = _with_loss_defaults(shape)
+    shape = {"preset": cfg.preset, "model": cfg.model, "loss": asdict(cfg.loss), "data": cfg.data, "vae": cfg.vae}
+    shape = json.loads(json.dumps(shape, default=str))
     path = Path(run_dir) / RUN_CONFIG
     if path.is_file():
-        old, new = flatten(_with_loss_defaults(json.loads(path.read_text()))), flatten(shape)
+        recorded = json.loads(path.read_text())
+        # records written before the loss was a checked section hold only the keys their config set
+        recorded["loss"] = json.loads(json.dumps(asdict(dataclass_from(LossConfig, recorded.get("loss") or {})),
+                                                 default=str))
+        old, new = flatten(recorded), flatten(shape)
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:
             changes = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
@@ -416,13 +412,6 @@ def check_resume(run_dir: str, shape: Mapping[str, Any]) -> None:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(shape, indent=2))
-
-
-def _with_loss_defaults(shape: Mapping[str, Any]) -> dict:
-    """`shape` as JSON, its loss section filled in with LossConfig's defaults: records written before the loss
-    was a checked section hold only the keys their config set, and the same run must still resume."""
-    loss = asdict(dataclass_from(LossConfig, shape.get("loss") or {}))
-    return json.loads(json.dumps({**shape, "loss": loss}, default=str))
 
 
 def finished_run(run_dir: str, steps: int, config_hash_: str) -> Optional[dict]:
@@ -529,7 +518,7 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
             "lineage": {"infgen.stage": "train", "infgen.input": cfg.data, "infgen.output": run_dir,
                         "infgen.config_hash": config_hash(shaping)},
             "sample_latents": latents, "sample_hr": hr, "holdout_record": record}
-    check_resume(run_dir, resume_shape(cfg))
+    check_resume(run_dir, cfg)
     if "://" not in run_dir:  # beside the checkpoints too: a checkpoint evaluated as a model finds it
         record.write(run_dir)
     finished = finished_run(run_dir, train.steps, loop["lineage"]["infgen.config_hash"])

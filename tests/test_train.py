@@ -1,9 +1,11 @@
 """Training on Ray Train: 2 gloo workers, checkpoints, failure + restart, resume by rerunning, MLflow."""
 
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -168,17 +170,22 @@ def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
 
 
 def test_training_windows_are_seeded_per_step_and_inside_the_output():
-    from pipelines.train import TrainLoopConfig, window_for_step
+    from pipelines.train import TrainLoopConfig, step_geometry
 
-    train = TrainLoopConfig(window=64, seed=3)
-    assert window_for_step(train, 5, (128, 192), 8) == window_for_step(train, 5, (128, 192), 8)
-    windows = {window_for_step(train, step, (128, 192), 8) for step in range(50)}
+    train = TrainLoopConfig(sizes=[192, 192], multiple=8, aspect_range=[1.5, 1.5], window=64, seed=3)  # 128×192
+    assert step_geometry(train, 5, 8) == step_geometry(train, 5, 8)
+    geometries = {step_geometry(train, step, 8) for step in range(50)}
+    assert {size for size, _ in geometries} == {(128, 192)}
+    windows = {window for _, window in geometries}
     assert len(windows) > 10
     for top, left, height, width in windows:
         assert (height, width) == (64, 64) and top % 8 == left % 8 == 0
         assert top + height <= 128 and left + width <= 192
-    assert window_for_step(TrainLoopConfig(window=None, seed=0), 1, (128, 128), 8) is None
-    assert window_for_step(train, 1, (64, 64), 8) is None  # the window covers the output: train on all of it
+    assert step_geometry(TrainLoopConfig(window=None, seed=0), 1, 8)[1] is None
+    small = TrainLoopConfig(sizes=[64, 64], multiple=8, aspect_range=[1.0, 1.0], window=64, seed=3)
+    assert step_geometry(small, 1, 8) == ((64, 64), None)  # the window covers the output: train on all of it
+    sizes = {step_geometry(TrainLoopConfig(sizes=[128, 256], seed=0), step, 8)[0] for step in range(50)}
+    assert len(sizes) > 3 and all(128 <= max(s) <= 256 and s[0] % 16 == s[1] % 16 == 0 for s in sizes)
 
 
 def test_window_targets_are_the_window_of_the_full_target():
@@ -266,12 +273,17 @@ def test_the_schedule_spans_the_run_and_another_total_steps_is_refused(tmp_path)
 
 
 def test_a_rerun_with_another_model_config_is_refused_before_any_worker_starts(tmp_path):
+    from pipelines.checkpoint import RUN_CONFIG
     from pipelines.train import check_resume
 
-    cfg = {"preset": "tiny", "model": {"scaling_factor": 0.18215}, "loss": {"l1_weight": 1.0}, "data": "d", "vae": "tiny"}
+    cfg = dataclass_from(TrainConfig, {"preset": "tiny", "model": {"scaling_factor": 0.18215}, "data": "d",
+                                       "output": str(tmp_path), "vae": "tiny"})
     check_resume(str(tmp_path / "run"), cfg)  # the first run records what it trains with
     check_resume(str(tmp_path / "run"), cfg)  # the same again: resumes
-    changed = {**cfg, "model": {"scaling_factor": 0.18215, "width": 32}}
+    record = tmp_path / "run" / RUN_CONFIG  # a record from before the loss was a checked section: only set keys
+    record.write_text(json.dumps({**json.loads(record.read_text()), "loss": {"l1_weight": cfg.loss.l1_weight}}))
+    check_resume(str(tmp_path / "run"), cfg)  # resumes too: the record's loss is read over LossConfig's defaults
+    changed = replace(cfg, model={"scaling_factor": 0.18215, "width": 32})
     with pytest.raises(ValueError, match=r"run holds checkpoints trained with another config \(model.width: None → 32\)"
                                          r".*init_from="):
         check_resume(str(tmp_path / "run"), changed)
