@@ -34,7 +34,7 @@ from infgen.vae import load_vae, vae_config
 from pipelines import checkpoint, shards
 from pipelines.checkpoint import EXPORTED, RUN_CONFIG
 from pipelines.common import resolve_files, verbose
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
+from pipelines.config import KEYS_OF, MlflowConfig, RayConfig, dataclass_from, require
 from pipelines.holdout import RECORD, Holdout, training_split
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
@@ -108,7 +108,7 @@ class TrainConfig:
     output: Optional[str] = None  # a shared POSIX path: checkpoints and the model under <output>/<name>/
     vae: str = "tiny"  # the latents' VAE: the sample grid's baseline and the scaling factor the model records
     preset: str = "tiny"
-    model: dict = field(default_factory=dict, metadata=keys_of(InfGenConfig))  # InfGenConfig overrides
+    model: dict = field(default_factory=dict, metadata={KEYS_OF: InfGenConfig})  # InfGenConfig overrides
     init_from: Optional[str] = None  # a checkpoint or exported model to start from (stage 2)
     holdout: Holdout = field(default_factory=Holdout)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
