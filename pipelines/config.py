@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,6 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pipelines.common import init_ray
 
 T = TypeVar("T")
+
+# A number field of a config: OmegaConf keeps an int as written, where a `float` field would turn 1 into 1.0 (and
+# so change the params a stage logs and the output fingerprints that hash them).
+Number = Union[int, float]
 
 # Field metadata {KEYS_OF: schema} marks a dict of overrides whose keys must be fields of the dataclass `schema`
 # (a partial section: TrainConfig.model overrides the preset's InfGenConfig); its values are the owner's to check.
