@@ -3,10 +3,12 @@
 A stage's config is a dataclass whose fields are its keys (FilterConfig, DownloadConfig, EncodeConfig,
 TrainConfig, EvalConfig, DecodeConfig, PipelineConfig, DemoConfig); a section is a nested dataclass (RayConfig,
 MlflowConfig, pipelines.holdout.Holdout, TrainConfig's train/optim/loss/samples, ...). `dataclass_from` builds one
-from a mapping, as conf/ YAML gives it (jobs.config loads the file and the command line's overrides):
+from a mapping, as conf/ YAML gives it (jobs.config loads the file and the command line's overrides), as an
+OmegaConf structured config (the dataclass is the schema: its field types are checked):
 
   * an unknown key anywhere is one ValueError naming every such key, dotted (`loss.foo`, `workers.gpus`);
   * a section's keys override its defaults one by one (`mlflow: {tracking_uri: ...}` keeps the stage's experiment);
+  * a missing required key or a value of the wrong type is a ValueError naming the key;
   * each dataclass checks its own values in `__post_init__` (ValueError naming the key).
 
 The object is built once, on the driver, and travels to Ray workers as it is (pickling does not check it again).
@@ -14,21 +16,24 @@ The object is built once, on the driver, and travels to Ray workers as it is (pi
 
 from __future__ import annotations
 
-import functools
 import typing
-from dataclasses import MISSING, Field, dataclass, fields, is_dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.common import init_ray
 
 T = TypeVar("T")
 
+# A number field of a config: OmegaConf keeps an int as written, where a `float` field would turn 1 into 1.0 (and
+# so change the params a stage logs and the output fingerprints that hash them).
+Number = Union[int, float]
 
-def plain_config(config: Any) -> dict:
-    """An OmegaConf config (as jobs/ load it, interpolations resolved) or any mapping → a plain dict."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+# Field metadata {KEYS_OF: schema} marks a dict of overrides whose keys must be fields of the dataclass `schema`
+# (a partial section: TrainConfig.model overrides the preset's InfGenConfig); its values are the owner's to check.
+KEYS_OF = "keys_of"
 
 
 def require(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
@@ -40,17 +45,31 @@ def require(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
 
 
 def dataclass_from(cls: type[T], values: Any) -> T:
-    """A config (an OmegaConf DictConfig, a mapping, or already a `cls`) → the dataclass `cls`, sections built
-    recursively over their defaults. Raises ValueError: every unknown key at once, dotted; a missing required
-    key; a section that is not a mapping; or whatever a dataclass's own checks reject."""
+    """A config (an OmegaConf DictConfig, a mapping, or already a `cls`) → the dataclass `cls`: `values` merged
+    over the OmegaConf structured config of `cls`, sections key by key over their defaults. Raises ValueError,
+    prefixed with the stage's label: every unknown key at once, dotted; a section or config that is not a
+    mapping; missing required keys; a value of the wrong type (the key and the value); or whatever a
+    dataclass's own checks reject."""
     if isinstance(values, cls):
         return values
     label = getattr(cls, "CONFIG_NAME", cls.__name__)
-    values = _mapping(values, label, "")
-    unknown = sorted(_unknown_keys(cls, values, ""))
-    if unknown:
-        raise ValueError(f"{label} config: unknown keys {unknown}")
-    return _build(cls, values, label, "")
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f"{label} config: the config must be a mapping, got {type(values).__name__}")
+    unknown: list[str] = []
+    values = _known(cls, values or {}, label, "", unknown)
+    if unknown:  # OmegaConf would stop at the first one
+        raise ValueError(f"{label} config: unknown keys {sorted(unknown)}")
+    schema = OmegaConf.structured(cls)  # outside the try: a field type OmegaConf cannot hold is a bug, not input
+    try:
+        config = OmegaConf.merge(schema, values)
+        if missing := sorted(OmegaConf.missing_keys(config)):
+            raise ValueError(f"{label} config: missing keys {missing}")
+        return OmegaConf.to_object(config)  # runs each dataclass's __post_init__
+    except OmegaConfBaseException as e:  # a value of the wrong type
+        reason = str(e).splitlines()[0]  # the lines after it repeat the key and name the dataclasses
+        raise ValueError(f"{label} config: {f'{e.full_key}={e.value!r}: ' if e.full_key else ''}{reason}") from None
 
 
 @dataclass
@@ -80,74 +99,30 @@ class MlflowConfig:
         return Tracker(self.tracking_uri, self.experiment, run_name, **kwargs)
 
 
-def keys_of(schema: type) -> dict:
-    """Field metadata for a dict of overrides whose keys must be fields of the dataclass `schema` (a partial
-    section: TrainConfig.model overrides the preset's InfGenConfig); its values are the owner's to check."""
-    return {"keys_of": schema}
+# ---- what OmegaConf does not check ---------------------------------------------------------------------------
 
 
-# ---- the loader's parts -------------------------------------------------------------------------------------
-
-
-def _mapping(values: Any, label: str, where: str) -> dict:
-    if values is None:
-        return {}
-    if not isinstance(values, Mapping):  # an OmegaConf DictConfig is a Mapping too
-        name = f"section {where.rstrip('.')}" if where else "config"
-        raise ValueError(f"{label} config: the {name} must be a mapping, got {type(values).__name__}")
-    return plain_config(values)
-
-
-def _init_fields(cls: type) -> dict[str, Field]:
-    return {f.name: f for f in fields(cls) if f.init}
-
-
-@functools.lru_cache(maxsize=None)
-def _sections(cls: type) -> dict[str, type]:
-    """Field name → the dataclass type of each section field of `cls` (`X` or `Optional[X]`)."""
-    found = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) else [hint]
-        if len(args) == 1 and isinstance(args[0], type) and is_dataclass(args[0]):
-            found[name] = args[0]
-    return found
-
-
-def _unknown_keys(cls: type, values: Mapping[str, Any], prefix: str) -> list[str]:
-    known = _init_fields(cls)
-    unknown = [prefix + key for key in values if key not in known]
+def _known(cls: type, values: Mapping[str, Any], label: str, prefix: str, unknown: list[str]) -> dict:
+    """`values` ready to merge over `cls`'s defaults: a null section left out, so that its defaults stand (null
+    for an optional one); the dotted name of each key `cls` lacks appended to `unknown`, the keys of a KEYS_OF
+    dict too. Raises ValueError for a section that is neither a mapping nor an instance of its dataclass."""
+    known, hints, kept = {f.name: f for f in fields(cls) if f.init}, typing.get_type_hints(cls), {}
     for key, value in values.items():
-        if key not in known or not isinstance(value, Mapping):
+        if key not in known:
+            unknown.append(prefix + key)
             continue
-        section, schema = _sections(cls).get(key), known[key].metadata.get("keys_of")
-        if section:
-            unknown += _unknown_keys(section, value, f"{prefix}{key}.")
-        elif schema:  # a dict of overrides: its keys, not its values
-            unknown += [f"{prefix}{key}.{k}" for k in value if k not in _init_fields(schema)]
-    return unknown
-
-
-def _default(f: Field) -> Any:
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None if f.default is MISSING else f.default
-
-
-def _build(cls: type[T], values: Mapping[str, Any], label: str, prefix: str) -> T:
-    known = _init_fields(cls)
-    missing = [prefix + name for name, f in known.items()
-               if name not in values and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise ValueError(f"{label} config: missing keys {missing}")
-    kwargs = dict(values)
-    for name, section in _sections(cls).items():
-        value = kwargs.get(name, MISSING)
-        if value is MISSING or isinstance(value, section):
-            continue
-        base = _default(known[name])
-        if value is None and (base is None or not is_dataclass(base)):
-            continue  # an optional section left out
-        value = _mapping(value, label, f"{prefix}{name}.")
-        defaults = {f: getattr(base, f) for f in _init_fields(section)} if is_dataclass(base) else {}
-        kwargs[name] = _build(section, {**defaults, **value}, label, f"{prefix}{name}.")
-    return cls(**kwargs)
+        hint = hints[key]  # a section is `X` or `Optional[X]` with X a dataclass
+        section = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+        schema = known[key].metadata.get(KEYS_OF)
+        if isinstance(section, type) and is_dataclass(section):
+            if value is None:
+                continue
+            if not isinstance(value, (Mapping, section)):
+                raise ValueError(f"{label} config: the section {prefix}{key} must be a mapping, got "
+                                 f"{type(value).__name__}")
+            if isinstance(value, Mapping):
+                value = _known(section, value, label, f"{prefix}{key}.", unknown)
+        elif schema and isinstance(value, Mapping):
+            unknown += [f"{prefix}{key}.{k}" for k in value if k not in {f.name for f in fields(schema)}]
+        kept[key] = value
+    return kept

@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 
 from pipelines.common import (STATS, StageResult, local_files, output_root, output_uri, publish, resolve_files,
                               staging_path, uri, write_json)
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
 
 DONE_SUFFIX = ".done"  # per input file, written after its images: the file is complete
 DTYPES = ("fp32", "fp16", "bf16")
@@ -35,8 +35,8 @@ class DecodeWorkers:
     """The `workers` section: the actor pool."""
 
     num_actors: int = 1  # model copies decoding files in parallel
-    cpus_per_actor: float = 1
-    num_gpus: float = 0  # per actor
+    cpus_per_actor: Number = 1
+    num_gpus: Number = 0  # per actor
     dtype: str = "fp32"  # fp32 | fp16 | bf16: weights and compute
 
     def __post_init__(self) -> None:

@@ -76,7 +76,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, local_files, mark_success, publish,
                               read_json, resolve_files, staging_path, write_json)
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
 from pipelines.tracking import config_hash
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class DownloadConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95
     number_sample_per_shard: int = 1000
-    timeout: float = 10
+    timeout: Number = 10
     retries: int = 1
     processes_count: int = 2
     thread_count: int = 32

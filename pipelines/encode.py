@@ -53,7 +53,7 @@ from infgen.images import UnsupportedImage, to_rgb
 from pipelines import shards
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
                               read_json, resolve_files, uri, write_json)
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ class EncodeConfig:
     max_image_pixels: int = 100_000_000  # larger images are decompression bombs (PIL's warning is an error too)
     batch_size: int = 16
     num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    num_gpus: float = 0.0  # per actor; > 0 runs the VAE on CUDA in `precision`
+    cpus_per_actor: Number = 1.0
+    num_gpus: Number = 0.0  # per actor; > 0 runs the VAE on CUDA in `precision`
     precision: str = "fp16"  # on GPU: fp16 | bf16 | fp32; on CPU always fp32
     torch_threads: Optional[int] = None  # per actor; default: its CPUs
     decode_threads: Optional[int] = None  # per actor, decoding and cropping beside the VAE; default: its CPUs

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
                               read_json, remove_dir, renames_are_atomic, resolve_files, write_json)
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
 
 
 FORMAT_VERSION = 2  # 2: URLs normalised (normalize_urls) before dedup. Bump when the output changes for the same inputs and parameters (new fingerprint)
@@ -110,12 +110,12 @@ class FilterConfig:
     input: Optional[str] = None  # parquet: a file, a directory of parts, a glob or a URI
     output: Optional[str] = None  # the result lands in <output>/<fingerprint>/
     overwrite: bool = False
-    min_pixels: Optional[float] = 2_000_000  # null: 0
-    min_short_side: Optional[float] = None  # each threshold: null turns it off
-    max_aspect_ratio: Optional[float] = None
-    min_aesthetic: Optional[float] = None
-    max_punsafe: Optional[float] = None
-    max_pwatermark: Optional[float] = None
+    min_pixels: Optional[Number] = 2_000_000  # null: 0
+    min_short_side: Optional[Number] = None  # each threshold: null turns it off
+    max_aspect_ratio: Optional[Number] = None
+    min_aesthetic: Optional[Number] = None
+    max_punsafe: Optional[Number] = None
+    max_pwatermark: Optional[Number] = None
     allow_private_hosts: bool = False
     max_rows: Optional[int] = None
     seed: int = 0

@@ -32,8 +32,8 @@ class Holdout:
     reads it, on the driver.
     """
 
-    fraction: float = 0.0
-    seed: int = 0
+    fraction: Optional[float] = 0.0  # null: 0.0 (__post_init__)
+    seed: Optional[int] = 0  # null: 0
     urls: Optional[str] = None  # a text file of held-out URLs, one per line
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ from infgen.vae import load_vae, vae_config
 from pipelines import checkpoint, shards
 from pipelines.checkpoint import EXPORTED, RUN_CONFIG
 from pipelines.common import resolve_files, verbose
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of, require
+from pipelines.config import KEYS_OF, MlflowConfig, Number, RayConfig, dataclass_from, require
 from pipelines.holdout import RECORD, Holdout, training_split
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
@@ -55,7 +55,7 @@ class TrainLoopConfig:
     aspect_range: list = field(default_factory=lambda: [0.75, 1.333])
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5
+    cpus_per_worker: Number = 0.5
     threads_per_worker: int = 1
     decode_threads: Optional[int] = None  # per worker, decoding the next steps' targets; null: cpus_per_worker
     max_failures: int = 2
@@ -108,7 +108,7 @@ class TrainConfig:
     output: Optional[str] = None  # a shared POSIX path: checkpoints and the model under <output>/<name>/
     vae: str = "tiny"  # the latents' VAE: the sample grid's baseline and the scaling factor the model records
     preset: str = "tiny"
-    model: dict = field(default_factory=dict, metadata=keys_of(InfGenConfig))  # InfGenConfig overrides
+    model: dict = field(default_factory=dict, metadata={KEYS_OF: InfGenConfig})  # InfGenConfig overrides
     init_from: Optional[str] = None  # a checkpoint or exported model to start from (stage 2)
     holdout: Holdout = field(default_factory=Holdout)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)

@@ -7,11 +7,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from jobs.config import load_job_config
-from pipelines.config import dataclass_from, plain_config
+from pipelines.config import dataclass_from
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "conf" / "cluster"
 SHARED = "/mnt/shared/infgen/"
+
+
+def plain_config(config) -> dict:
+    """A loaded config as a plain dict, interpolations resolved (what dataclass_from reads)."""
+    return OmegaConf.to_container(config, resolve=True)
 
 
 def _filter(cfg: dict) -> None:

@@ -9,7 +9,7 @@ from typing import ClassVar, Optional
 import pytest
 
 from jobs.config import load_job_config, run_job
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, keys_of
+from pipelines.config import KEYS_OF, MlflowConfig, RayConfig, dataclass_from
 from pipelines.holdout import Holdout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ class Stage:
     path: str  # required: no default
     inner: Inner = field(default_factory=lambda: Inner(size=16))  # the stage's own default for the section
     maybe: Optional[Inner] = None
-    overrides: dict = field(default_factory=dict, metadata=keys_of(Inner))
+    overrides: dict = field(default_factory=dict, metadata={KEYS_OF: Inner})
     mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="toy-experiment"))
 
 
@@ -63,6 +63,16 @@ def test_missing_keys_bad_sections_and_bad_values_are_named():
         dataclass_from(Stage, [1])
     with pytest.raises(ValueError, match="inner.size must be >= 1, got 0"):  # the section's own check
         dataclass_from(Stage, {"path": "p", "inner": {"size": 0}})
+    with pytest.raises(ValueError, match=r"toy config: inner.size='big': "):  # a value of the wrong type
+        dataclass_from(Stage, {"path": "p", "inner": {"size": "big"}})
+
+
+def test_training_model_overrides_are_checked_by_their_keys():
+    from pipelines.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"training config: unknown keys \['model.depht'\]"):
+        dataclass_from(TrainConfig, {"data": "d", "output": "o", "model": {"depht": 2, "width": 64}})
+    assert dataclass_from(TrainConfig, {"data": "d", "output": "o", "model": {"width": 64}}).model == {"width": 64}
 
 
 def test_holdout_is_checked_without_reading_its_list(tmp_path):

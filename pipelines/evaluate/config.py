@@ -8,7 +8,7 @@ from typing import ClassVar, Optional
 
 from infgen.evaluation import DECODERS
 from infgen.fid import PatchProtocol
-from pipelines.config import MlflowConfig, RayConfig, require
+from pipelines.config import MlflowConfig, Number, RayConfig, require
 from pipelines.holdout import Holdout
 
 
@@ -17,8 +17,8 @@ class EvalWorkers:
     """The `workers` section: the actor pool and how much each unit and batch holds."""
 
     num_actors: int = 1
-    num_gpus: float = 0.0  # per actor
-    cpus_per_actor: float = 1.0
+    num_gpus: Number = 0.0  # per actor
+    cpus_per_actor: Number = 1.0
     torch_threads: Optional[int] = None  # per actor; null: its CPUs
     precision: str = "fp32"  # fp32 | bf16 | fp16: InfGen decodes under this autocast on GPUs
     chunk_rows: int = 16  # samples per work unit (and per decode chunk)
