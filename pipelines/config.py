@@ -123,6 +123,7 @@ def _known(cls: type, values: Mapping[str, Any], label: str, prefix: str, unknow
             if isinstance(value, Mapping):
                 value = _known(section, value, label, f"{prefix}{key}.", unknown)
         elif schema and isinstance(value, Mapping):
-            unknown += [f"{prefix}{key}.{k}" for k in value if k not in {f.name for f in fields(schema)}]
+            names = {f.name for f in fields(schema) if f.init}
+            unknown += [f"{prefix}{key}.{k}" for k in value if k not in names]
         kept[key] = value
     return kept
