@@ -116,7 +116,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
                             InfGenLoss(checked.loss), checked.optim)
     fs, paths = resolve_files(checked.data, suffix=".parquet")
     held_out = shards.last_rows(fs, paths, checked.samples.count)[0]
-    batch = train.batch_size
+    batch = train.batch_size // train.views  # rows per step
 
     def batches():
         epoch = 0
@@ -131,8 +131,8 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
             epoch += 1
 
     def step_data(step: int, lat, hr) -> tuple:
-        size, region = step_geometry(train, step, trainer.model.config.scale)
-        return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, size, region), size, region
+        views = [step_geometry(train, step, trainer.model.config.scale, view) for view in range(train.views)]
+        return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, None, views=views), views
 
     data = batches()
     ready = [step_data(step, *next(data)) for step in range(train.steps)] if predecoded else None
@@ -141,13 +141,12 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     for step in range(train.steps):
         if step == warmup:
             start = time.perf_counter()
-        latents, targets, size, region = ready[step] if predecoded else step_data(step, *next(data))
-        losses.append(trainer.train_step(latents, targets, size=size, region=region,
-                                         halo=train.window_halo)["loss"])
+        latents, targets, views = ready[step] if predecoded else step_data(step, *next(data))
+        losses.append(trainer.train_step(latents, targets, views=views, halo=train.window_halo)["loss"])
     seconds = time.perf_counter() - start
     timed = train.steps - warmup
     return {"timed_steps": timed, "warmup_steps": warmup, "seconds": round(seconds, 3),
-            "samples_per_s": round(timed * batch / seconds, 4), "first_loss": round(losses[0], 4),
+            "samples_per_s": round(timed * train.batch_size / seconds, 4), "first_loss": round(losses[0], 4),
             "last_loss": round(losses[-1], 4)}
 
 

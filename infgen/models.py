@@ -463,8 +463,9 @@ class InfGen(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, latents: torch.Tensor, size: Size, region: Optional[tuple[int, int, int, int]] = None,
-                halo: int = 0) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, size: Optional[Size] = None,
+                region: Optional[tuple[int, int, int, int]] = None, halo: int = 0,
+                views: Optional[Sequence[tuple[Size, Optional[tuple[int, int, int, int]]]]] = None) -> torch.Tensor:
         """Training forward: scaled latents (B, C, h, w) → unclamped images (B, 3, H, W) for size (H, W).
 
         region: (top, left, height, width) in output pixels, multiples of `scale`: decode only that window of
@@ -472,11 +473,33 @@ class InfGen(nn.Module):
         decoded around the window and cut away; with `upsampler.halo` the window equals the same pixels of
         the full decode, with fewer its outer pixels see the window's edge. Training on windows makes a step
         cost the window's pixels, not the image's.
+
+        views: instead of size and region, V (size, region) pairs decoded from one encoding of the latents:
+        (V·B, 3, height, width), view-major (view v of latent b at v·B + b). Every view must give the same
+        (height, width) (a ValueError otherwise). A step then costs one latent encoding per V windows.
         """
-        H, W = self.check_inputs(latents, size)
-        s = self.config.scale
+        if views is None:
+            if size is None:
+                raise ValueError("forward needs a size or views")
+            views = [(size, region)]
+        elif size is not None or region is not None:
+            raise ValueError("pass size/region or views, not both")
+        context = None
+        outs = []
+        for view_size, view_region in views:
+            H, W = self.check_inputs(latents, view_size)
+            context = self.encode_latents(latents) if context is None else context
+            outs.append(self._decode_view(context, (H, W), view_region, halo))
+        if len({out.shape for out in outs}) > 1:
+            raise ValueError(f"views decode to different shapes {[tuple(o.shape[-2:]) for o in outs]}: "
+                             f"they are concatenated, so each must give the same (height, width)")
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode_view(self, context: torch.Tensor, size: tuple[int, int],
+                     region: Optional[tuple[int, int, int, int]], halo: int) -> torch.Tensor:
+        """The pixels of `region` (see forward) of the `size` output, unclamped, from encoded context tokens."""
+        (H, W), s = size, self.config.scale
         gy, gx = -(-H // s), -(-W // s)
-        context = self.encode_latents(latents)
         if region is None:
             return self._decode_region(context, (H, W), 0, gy, 0, gx)[..., :H, :W]
         top, left, height, width = region

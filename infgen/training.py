@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -63,17 +63,21 @@ class InfGenTrainer:
         self.step = 0
 
     def train_step(self, latents: torch.Tensor, targets: torch.Tensor, size: Optional[tuple[int, int]] = None,
-                   region: Optional[tuple[int, int, int, int]] = None, halo: int = 0) -> dict[str, float]:
+                   region: Optional[tuple[int, int, int, int]] = None, halo: int = 0,
+                   views: Optional[Sequence[tuple]] = None) -> dict[str, float]:
         """Generator step, discriminator step (after its start), EMA update.
 
         latents (B, C, h, w); targets (B, 3, H', W') in [-1, 1]: the whole output (size None: the targets'
         size), or, with `region` = (top, left, height, width) of an output of `size`, that window's pixels
-        (see InfGen.forward for `halo`).
+        (see InfGen.forward for `halo`); or, with `views` = V (size, region) pairs instead, (V·B, 3, H', W'),
+        view-major, each latent encoded once for its V windows.
         """
         c, device = self.config, latents.device
         self.model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16(device, c.bf16)):
-            if region is None:
+            if views is not None:
+                images = self.model(latents, views=views, halo=halo)
+            elif region is None:
                 images = self.model(latents, size or tuple(targets.shape[-2:]))
             else:
                 images = self.model(latents, size, region=region, halo=halo)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from infgen.data import random_target_size, target_window
-from infgen.images import resize
+from infgen.images import output_size, resize
 from infgen.losses import InfGenLoss, LossConfig, unwrap
 from infgen.models import INFGEN_PRESETS, WEIGHTS_NAME, InfGen, InfGenConfig
 from infgen.training import InfGenTrainer, OptimConfig
@@ -49,7 +49,8 @@ class TrainLoopConfig:
     """The `train` section: steps, batches, target sizes, workers, and how often to log, sample and checkpoint."""
 
     steps: int = 60
-    batch_size: int = 4  # global: split over the workers
+    batch_size: int = 4  # global, in windows (samples): split over the workers
+    views: int = 1  # windows per latent per step, each its own output size and position: batch_size / views rows
     sizes: list = field(default_factory=lambda: [128, 256])  # long side of each step's target, drawn per step
     multiple: int = 16
     aspect_range: list = field(default_factory=lambda: [0.75, 1.333])
@@ -69,9 +70,14 @@ class TrainLoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size % self.num_workers:
+        if self.views < 1 or self.batch_size % (self.num_workers * self.views):
             raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
-                             f"{self.num_workers}")
+                             f"{self.num_workers} × train.views {self.views}")
+        if self.views > 1:  # a step's views are concatenated: each must be a whole window of one shape
+            smallest = min(min(output_size(aspect, self.sizes[0], self.multiple)) for aspect in self.aspect_range)
+            if not self.window or self.window > smallest:
+                raise ValueError(f"train.views={self.views} needs a train.window no larger than the smallest output "
+                                 f"side ({smallest} px for sizes {self.sizes}), got {self.window}")
 
 
 @dataclass
@@ -147,12 +153,13 @@ class TrainResult:
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
-def step_geometry(train: TrainLoopConfig, step: int, scale: int) -> tuple[tuple[int, int], Optional[tuple]]:
-    """What step `step` decodes, the same on every rank and on resume: the output size (H, W), drawn from
-    `train.sizes` / `aspect_range` (multiples of `train.multiple`), and the window it trains on, (top, left,
-    height, width) in pixels (multiples of `scale`), `train.window` px per side at a seeded position; the window
-    is None (the whole output) when `train.window` is null or covers the output."""
-    seed = train.seed * 1_000_003 + step
+def step_geometry(train: TrainLoopConfig, step: int, scale: int,
+                  view: int = 0) -> tuple[tuple[int, int], Optional[tuple]]:
+    """What view `view` (of `train.views`) of step `step` decodes, the same on every rank and on resume: the output
+    size (H, W), drawn from `train.sizes` / `aspect_range` (multiples of `train.multiple`), and the window it trains
+    on, (top, left, height, width) in pixels (multiples of `scale`), `train.window` px per side at a seeded
+    position; the window is None (the whole output) when `train.window` is null or covers the output."""
+    seed = train.seed * 1_000_003 + step + view * 7_919_000_011
     size = random_target_size(random.Random(seed), tuple(train.sizes), train.multiple, tuple(train.aspect_range))
     side = train.window
     if not side or side >= max(size):
@@ -165,11 +172,16 @@ def step_geometry(train: TrainLoopConfig, step: int, scale: int) -> tuple[tuple[
 
 
 def decode_targets(hr: Sequence[bytes], size: tuple[int, int],
-                   region: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+                   region: Optional[tuple[int, int, int, int]] = None,
+                   views: Optional[Sequence[tuple]] = None) -> torch.Tensor:
     """Encoded high-resolution crops (the shards' `hr`) → (B, 3, H, W) in [-1, 1] at `size`, or only the window
-    `region` of it (infgen.data.target_window). A JPEG crop decodes at a reduced scale never below `size`
-    (pipelines.shards.hr_image)."""
-    return torch.stack([target_window(shards.hr_image(data, at_least=size), size, region) for data in hr])
+    `region` of it (infgen.data.target_window); with `views` = V (size, region) pairs instead, (V·B, 3, H', W'),
+    view-major as InfGen.forward decodes them, each crop decoded once. A JPEG crop decodes at a reduced scale
+    never below the largest size (pipelines.shards.hr_image)."""
+    views = views or [(size, region)]
+    at_least = (max(s[0] for s, _ in views), max(s[1] for s, _ in views))
+    images = [shards.hr_image(data, at_least=at_least) for data in hr]
+    return torch.stack([target_window(image, s, r) for s, r in views for image in images])
 
 
 class TargetPrefetcher:
@@ -179,7 +191,7 @@ class TargetPrefetcher:
     (`plan(step)`, the same on every rank) and the targets decoded and resized (`decode_targets`) on a thread
     pool while earlier steps train: Pillow releases the GIL while it decodes and resizes, so a step does not wait
     on images as long as the threads keep up. Up to `threads + 1` batches are in flight, yielded in step order as
-    (latents (B, C, h, w) float32, targets (B, 3, H', W') in [-1, 1], size, region).
+    (latents (B, C, h, w) float32, targets (V·B, 3, H', W') in [-1, 1], the step's V views: (size, region) pairs).
 
     Not a Ray Data map_batches: the target size is a property of the step (identical on every rank and on resume),
     which a stage upstream of the trainer cannot know.
@@ -190,9 +202,9 @@ class TargetPrefetcher:
         self.threads = max(1, threads)
 
     @staticmethod
-    def _prepare(batch: dict, size: tuple[int, int], region) -> tuple:
+    def _prepare(batch: dict, views: list) -> tuple:
         latents = torch.from_numpy(np.asarray(batch["latent"], dtype=np.float32))
-        return latents, decode_targets(batch["hr"], size, region), size, region
+        return latents, decode_targets(batch["hr"], None, views=views), views
 
     def __iter__(self):
         from collections import deque
@@ -205,7 +217,7 @@ class TargetPrefetcher:
                 for batch in self.batches:
                     if step >= self.last:
                         break
-                    pending.append(pool.submit(self._prepare, batch, *self.plan(step)))
+                    pending.append(pool.submit(self._prepare, batch, self.plan(step)))
                     step += 1
                     if len(pending) > self.threads:
                         yield pending.popleft().result()
@@ -304,20 +316,20 @@ def train_loop(loop: dict) -> None:
     # the run ends FINISHED, or FAILED / KILLED when the loop raises (a restarted attempt resumes it)
     with tracker if tracker else contextlib.nullcontext():
         shard = ray.train.get_dataset_shard("train")
-        per_worker = train.batch_size // world
-        progress = Progress(train.steps, per_worker * world)
+        rows_per_worker = train.batch_size // world // train.views
+        progress = Progress(train.steps, train.batch_size)
         scale = unwrap(trainer.model).config.scale
 
-        def plan(step: int) -> tuple:
-            return step_geometry(train, step, scale)
+        def plan(step: int) -> list:
+            return [step_geometry(train, step, scale, view) for view in range(train.views)]
 
         while trainer.step < train.steps:
-            raw = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+            raw = shard.iter_batches(batch_size=rows_per_worker, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=train.shuffle_buffer or None)
             batches = TargetPrefetcher(raw, plan, trainer.step, train.steps,
                                        train.decode_threads or max(1, int(train.cpus_per_worker)))
-            for latents, targets, size, region in batches:
-                step_log = trainer.train_step(latents.to(device), targets.to(device), size=size, region=region,
+            for latents, targets, views in batches:
+                step_log = trainer.train_step(latents.to(device), targets.to(device), views=views,
                                               halo=train.window_halo)
                 step = trainer.step
                 progress.add(step_log)

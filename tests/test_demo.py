@@ -26,7 +26,7 @@ SMALL = [
     "stages.encode.overrides.crops_per_image=3",
     "stages.train.overrides.train.steps=8", "stages.train.overrides.train.checkpoint_every=4",
     "stages.train.overrides.train.log_every=4", "stages.train.overrides.train.sample_every=8",
-    "stages.train.overrides.train.sizes=[64,128]",
+    "stages.train.overrides.train.sizes=[96,128]",  # views: 64-px windows of every output
     "stages.evaluate.overrides.resolutions=[128,256]", "stages.evaluate.overrides.limit=4",
     "stages.evaluate.overrides.patches.size=64", "stages.evaluate.overrides.patches.shift=32",
     "figure_sizes=[128x128,256x128]",

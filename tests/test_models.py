@@ -141,6 +141,21 @@ def test_window_with_full_halo_equals_the_full_decode():
         model(z, (200, 328), region=(4, 0, 64, 64))
 
 
+def test_views_decode_each_window_as_its_own_forward_would():
+    model = InfGen.from_preset("tiny").eval()
+    z = torch.randn(2, 4, 12, 20)
+    views = [((200, 328), (64, 96, 64, 64)), ((96, 160), (32, 0, 64, 64)), ((400, 656), (0, 592, 64, 64))]
+    with torch.no_grad():
+        together = model(z, views=views, halo=2)
+        alone = [model(z, size, region=region, halo=2) for size, region in views]
+    assert together.shape == (6, 3, 64, 64)  # view-major: view v of latent b at v·2 + b
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    with pytest.raises(ValueError, match="different shapes"):
+        model(z, views=[((200, 328), (0, 0, 64, 64)), ((200, 328), (0, 0, 32, 64))])
+    with pytest.raises(ValueError, match="not both"):
+        model(z, (200, 328), views=views)
+
+
 def test_context_queries_start_from_the_interpolated_latent():
     from infgen.models import interpolate_context
 

@@ -188,6 +188,20 @@ def test_training_windows_are_seeded_per_step_and_inside_the_output():
     assert len(sizes) > 3 and all(128 <= max(s) <= 256 and s[0] % 16 == s[1] % 16 == 0 for s in sizes)
 
 
+def test_a_step_draws_its_views_independently_and_view_0_as_a_single_view_step():
+    from pipelines.train import TrainLoopConfig, step_geometry
+
+    train = TrainLoopConfig(sizes=[256, 1024], window=64, views=4, batch_size=8, seed=3)
+    assert all(step_geometry(train, step, 8, 0) == step_geometry(replace(train, views=1), step, 8)
+               for step in range(20))
+    views = [step_geometry(train, 5, 8, view) for view in range(4)]
+    assert len(set(views)) == 4 and all(window[2:] == (64, 64) for _, window in views)
+    with pytest.raises(ValueError, match="divisible"):
+        TrainLoopConfig(batch_size=6, num_workers=2, views=2, window=64)
+    with pytest.raises(ValueError, match="window"):  # views are concatenated: each must be a whole 64² window
+        TrainLoopConfig(sizes=[64, 128], views=2, window=64, batch_size=4)
+
+
 def test_window_targets_are_the_window_of_the_full_target():
     import io
 
@@ -203,6 +217,10 @@ def test_window_targets_are_the_window_of_the_full_target():
     # Pillow filters the window from the pixels around its box too: equal to the full resize's window
     # up to rounding to 8 bits
     assert (window - full[..., 64:128, 128:192]).abs().max() < 2.5 / 255
+    # views: each crop decoded once, windows of several sizes, view-major
+    views = [((256, 384), (64, 128, 64, 64)), ((128, 192), (0, 0, 64, 64))]
+    both = decode_targets(hr, None, views=views)
+    assert torch.equal(both[:2], window) and torch.equal(both[2:], decode_targets(hr, (128, 192), (0, 0, 64, 64)))
 
     # a JPEG crop decodes at a reduced scale (draft mode) that still covers the output: close to the full decode
     buffer = io.BytesIO()
