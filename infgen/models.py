@@ -484,12 +484,10 @@ class InfGen(nn.Module):
             views = [(size, region)]
         elif size is not None or region is not None:
             raise ValueError("pass size/region or views, not both")
-        context = None
-        outs = []
-        for view_size, view_region in views:
-            H, W = self.check_inputs(latents, view_size)
-            context = self.encode_latents(latents) if context is None else context
-            outs.append(self._decode_view(context, (H, W), view_region, halo))
+        self.check_inputs(latents, views[0][0])  # the latents once; each view's size below
+        sizes = [parse_size(view_size, self.config.max_size) for view_size, _ in views]
+        context = self.encode_latents(latents)
+        outs = [self._decode_view(context, size, region, halo) for size, (_, region) in zip(sizes, views)]
         if len({out.shape for out in outs}) > 1:
             raise ValueError(f"views decode to different shapes {[tuple(o.shape[-2:]) for o in outs]}: "
                              f"they are concatenated, so each must give the same (height, width)")

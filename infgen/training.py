@@ -75,12 +75,8 @@ class InfGenTrainer:
         c, device = self.config, latents.device
         self.model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16(device, c.bf16)):
-            if views is not None:
-                images = self.model(latents, views=views, halo=halo)
-            elif region is None:
-                images = self.model(latents, size or tuple(targets.shape[-2:]))
-            else:
-                images = self.model(latents, size, region=region, halo=halo)
+            views = views or [(size or tuple(targets.shape[-2:]), region)]
+            images = self.model(latents, views=views, halo=halo)
         if images.shape != targets.shape:
             raise ValueError(f"targets {tuple(targets.shape)} do not match the decoded {tuple(images.shape)}")
         last_layer = unwrap(self.model).upsampler.conv_out.weight
