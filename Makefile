@@ -31,7 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.json
 
 quality: setup
-	$(BIN)/python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.png
+	$(BIN)/python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.jpg
 
 clean:
 	rm -rf $(VENV) outputs

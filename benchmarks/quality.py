@@ -21,7 +21,7 @@ Evaluation on every held-out crop at every scale: infgen (one pass), infgen iter
 Writes the JSON (figures, steps, wall time, threads, photos used) and a side-by-side figure of held-out
 crops at 4×: truth | VAE + bicubic | infgen.
 
-    python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.png
+    python benchmarks/quality.py --out benchmarks/results/quality.json --figure docs/quality_4x.jpg
 """
 
 from __future__ import annotations
@@ -166,11 +166,12 @@ def decode_all(name: str, decoders: Decoders, latents: torch.Tensor, natives: to
     return torch.cat([decoders.decode(name, latents, [i], size)[0] for i in range(len(latents))])
 
 
-def metrics(images: torch.Tensor, truth: torch.Tensor, lpips_model, chunk: int = 8) -> dict:
-    """Means over images, computed `chunk` images at a time: SSIM's filtered maps of 48 images at 1024² take
-    more than 20 GB at once."""
+def metrics(images: torch.Tensor, truth: torch.Tensor, lpips_model, chunk_pixels: int = 8 * 1024 ** 2) -> dict:
+    """Means over images, computed a few images (`chunk_pixels` pixels) at a time: SSIM's filtered maps of 48
+    images at 1024² take more than 20 GB at once (8 images of 1024² or 2 of 2048² per chunk)."""
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
+    chunk = max(1, chunk_pixels // (images.shape[-2] * images.shape[-1]))
     rows = {"psnr": [], "ssim": [], "ms_ssim": [], "lpips": []}
     for i in range(0, len(images), chunk):
         x, y = images[i:i + chunk].float(), truth[i:i + chunk].float()
@@ -196,7 +197,7 @@ def figure(path: Path, rows: list[list[torch.Tensor]], labels: list[str], credit
     for i, credit in enumerate(credits):
         draw.text((4, grid.height + 2 + 14 * i), credit, fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    canvas.save(path, **({"quality": 92, "subsampling": 0} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
 def main() -> None:
@@ -204,12 +205,12 @@ def main() -> None:
     parser.add_argument("--vae", default="photo", help="the VAE whose latent space is decoded (default: photo)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--model", nargs="*", default=[], help="config overrides KEY=VALUE (ints/floats/bools)")
-    parser.add_argument("--native", type=int, default=128, help="native crop side (latent = native/8)")
-    parser.add_argument("--train-crops", type=int, default=100, help="training crops per training photo")
+    parser.add_argument("--native", type=int, default=256, help="native crop side (latent = native/8)")
+    parser.add_argument("--train-crops", type=int, default=50, help="training crops per training photo")
     parser.add_argument("--holdout-crops", type=int, default=4, help="held-out crops per held-out photo")
     parser.add_argument("--train-scale", type=int, default=4, help="largest training output, × native")
     parser.add_argument("--scales", default="1,2,4,8", help="evaluated output scales, × native")
-    parser.add_argument("--steps", type=int, default=5600)
+    parser.add_argument("--steps", type=int, default=3400)
     parser.add_argument("--augment", type=int, default=1, help="1: train on a random flip/rotation of each crop "
                         "(8 per crop, each encoded by the VAE); 0: the crops as cut")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -220,7 +221,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality.json")
-    parser.add_argument("--figure", type=Path, default=None, help="side-by-side PNG of held-out crops at 4×")
+    parser.add_argument("--figure", type=Path, default=None, help="side-by-side image of held-out crops at 4× "
+                        "(.jpg: JPEG quality 92, a fifth of the PNG's size at 1024-px cells; .png)")
     parser.add_argument("--save-model", type=Path, default=None, help="write the trained EMA model and its "
                         "training record (training.json) here")
     parser.add_argument("--load-model", type=Path, default=None, help="evaluate a model saved by --save-model "
@@ -265,6 +267,7 @@ def main() -> None:
         if args.save_model:
             ema.save_pretrained(args.save_model)
             (args.save_model / "training.json").write_text(json.dumps(training, indent=2))
+        del natives_tr, targets_tr, latents_tr  # GBs at native 256: the 8× metrics need the room
 
     try:
         lpips_model, lpips_note = load_lpips(), "AlexNet LPIPS (pretrained backbone)"

@@ -100,12 +100,14 @@ class InfGenConfig:
 
 # Model sizes, as DiT's size factories: a name and the config fields that differ from the defaults.
 INFGEN_PRESETS: dict[str, dict] = {
-    # trains on a CPU in minutes: tests and the demo
+    # trains on a CPU in minutes: the tests
     "tiny": dict(width=64, num_heads=2, latent_depth=1, query_depth=2, fourier_features=32,
                  decoder_channels=(64, 48, 32, 16), decoder_blocks=1),
-    # the CPU quality benchmark (benchmarks/quality.py): learns in tens of minutes on 2 cores; 32 channels at
-    # full resolution, as the VAE decoder has (16 there measured 0.12 dB worse at equal steps)
-    "small": dict(width=128, num_heads=4, latent_depth=2, query_depth=2, fourier_features=64,
+    # the CPU quality benchmark (benchmarks/quality.py) and the demo: learns in tens of minutes on 2 cores; 32
+    # channels at full resolution, as the VAE decoder has (16 there measured 0.12 dB worse at equal steps); no
+    # latent self-attention: on 32×32 latents its 2 blocks made a step 2.9× slower, and at equal steps on 16×16
+    # latents they were level with none (issue 10)
+    "small": dict(width=128, num_heads=4, latent_depth=0, query_depth=2, fourier_features=64,
                   decoder_channels=(64, 64, 32, 32), decoder_blocks=1),
     "base": dict(width=384, num_heads=6, latent_depth=4, query_depth=4,
                  decoder_channels=(384, 256, 128, 64), decoder_blocks=2),
