@@ -27,6 +27,7 @@ crops at 4×: truth | VAE + bicubic | infgen.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -45,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infgen.evaluation import DECODERS as EVAL_DECODERS, Decoders  # noqa: E402
-from infgen.images import random_region, region_at, resize  # noqa: E402
+from infgen.data import target_window  # noqa: E402
+from infgen.images import dihedral, dihedral_region, random_region, region_at, region_image, resize, to_tensor  # noqa: E402
 from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402
@@ -55,10 +57,11 @@ from infgen.vae import load_vae  # noqa: E402
 
 SCALES = (1, 2, 4, 8)
 DECODERS = (*EVAL_DECODERS, "true_bicubic")
+FIGURE = ("vae_bicubic", "infgen")  # beside the truth
 
 
-def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple[torch.Tensor, dict, list]:
-    """Native crops (N, 3, n, n) and targets {scale: (N, 3, n·s, n·s) uint8} of seeded regions of at least
+def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple[list, dict, list]:
+    """Native crops [n×n] and targets {scale: [n·s × n·s]} (Pillow RGB images) of seeded regions of at least
     max(scales)×native px, so every target holds real pixels (a photo too small for that is skipped)."""
     rng = random.Random(seed)
     natives, targets, where = [], {s: [] for s in scales}, []
@@ -69,11 +72,11 @@ def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple
             continue
         for _ in range(count_per_photo):
             box = random_region(*image.size, rng, min_side=max(scales) * native)
-            natives.append(region_at(image, box, native))
+            natives.append(region_image(image, box, native))
             for s in scales:
-                targets[s].append(to_uint8(region_at(image, box, native * s)))
+                targets[s].append(region_image(image, box, native * s))
             where.append({"photo": photo.name, "box": list(box)})
-    return torch.stack(natives), {s: torch.stack(t) for s, t in targets.items()}, where
+    return natives, targets, where
 
 
 def vae_report(vae, name: str, photos, native: int, seed: int) -> dict:
@@ -96,28 +99,35 @@ def vae_report(vae, name: str, photos, native: int, seed: int) -> dict:
     return report
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    return ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def release_freed_memory() -> None:
+    """Hand the heap's freed memory back to the system (glibc's malloc_trim; elsewhere a no-op). The training
+    crops are ~11 GB of 4 MB Pillow images, which glibc keeps in its heap once freed, where the evaluation's
+    large tensors (each its own mmap) cannot reuse them: without this a full run was OOM-killed at 8× on 24 GB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def to_uint8(images: list) -> torch.Tensor:
+    """Pillow RGB images of one size → (N, 3, H, W) uint8."""
+    return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:
     return image.float() / 127.5 - 1
 
 
-def encode(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + batch]) for i in range(0, len(images), batch)])
+def encode(vae, images: list, g: int = 0, batch: int = 32) -> torch.Tensor:
+    """Latents (N, C, n/8, n/8) of Pillow images (n×n) under flip/rotation g (`dihedral`), `batch` at a time."""
+    return torch.cat([vae.encode(dihedral(torch.stack([to_tensor(image) for image in images[i:i + batch]]), g))
+                      for i in range(0, len(images), batch)])
 
 
-def dihedral(images: torch.Tensor, g: int) -> torch.Tensor:
-    """One of the 8 flips/rotations of square images (..., n, n): g = 0..7 (bit 2: mirror, bits 0-1: quarter
-    turns). Exact on the pixel grid, so it commutes with resizing."""
-    images = images.flip(-1) if g & 4 else images
-    return torch.rot90(images, g & 3, (-2, -1))
-
-
-def train(model: InfGen, latents: torch.Tensor, targets: torch.Tensor, args, log_every: int = 100) -> dict:
+def train(model: InfGen, latents: torch.Tensor, targets: list, args, log_every: int = 100) -> dict:
     """`args.steps` steps on output windows; the output side is drawn from native..train_scale×native.
 
+    targets: the training crops at train_scale×native (Pillow images), resized to each step's size.
     latents: (N, C, h, w), or (8, N, C, h, w) with the latents of each crop's 8 flips/rotations (`dihedral`):
     each sample then takes a random one, and its target the same transform (the VAE encodes the transformed
     crop, so latent and target stay a true pair)."""
@@ -130,21 +140,21 @@ def train(model: InfGen, latents: torch.Tensor, targets: torch.Tensor, args, log
     start, history = time.time(), []
     augmented = latents.ndim == 5
     for step in range(args.steps):
-        idx = torch.tensor(rng.sample(range(len(targets)), args.batch_size))
+        idx = rng.sample(range(len(targets)), args.batch_size)
         side = rng.randint(native // s, args.train_scale * native // s) * s
         window = min(side, args.window)
         top, left = (rng.randint(0, (side - window) // s) * s for _ in range(2))
-        # resize the whole crop to this step's size, then cut the window: the target is the true image
-        # at this scale, as the full decode would be compared with
-        full = resize(to_float(targets[idx]), (side, side))
-        if augmented:
-            transforms = [rng.randrange(8) for _ in range(len(idx))]
-            batch = latents[transforms, idx]
-            full = torch.stack([dihedral(image, g) for image, g in zip(full, transforms)])
-        else:
-            batch = latents[idx]
-        log = trainer.train_step(batch, full[..., top:top + window, left:left + window],
-                                 size=(side, side), region=(top, left, window, window), halo=args.halo)
+        transforms = [rng.randrange(8) for _ in idx] if augmented else [0] * len(idx)
+        batch = latents[transforms, idx] if augmented else latents[idx]
+        # the window of the crop resized to this step's size: the true image at this scale, as the full decode
+        # would be compared with, resized only under the window (as the training stage's targets are); the
+        # window is cut from the untransformed crop and then flipped/rotated (a whole 1024² transpose per
+        # sample was 9% of a step; Pillow resamples rows then columns, so a turned window rounds otherwise:
+        # at most 2/255, mean 0.04/255 on a photo)
+        region = (top, left, window, window)
+        windows = torch.stack([dihedral(target_window(targets[i], (side, side), dihedral_region(region, side, g)), g)
+                               for i, g in zip(idx, transforms)])
+        log = trainer.train_step(batch, windows, size=(side, side), region=region, halo=args.halo)
         history.append(log["l1"])
         if (step + 1) % log_every == 0:
             print(f"  step {step + 1}/{args.steps}  l1 {np.mean(history[-log_every:]):.4f}  "
@@ -206,11 +216,11 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--model", nargs="*", default=[], help="config overrides KEY=VALUE (ints/floats/bools)")
     parser.add_argument("--native", type=int, default=256, help="native crop side (latent = native/8)")
-    parser.add_argument("--train-crops", type=int, default=50, help="training crops per training photo")
+    parser.add_argument("--train-crops", type=int, default=75, help="training crops per training photo")
     parser.add_argument("--holdout-crops", type=int, default=4, help="held-out crops per held-out photo")
     parser.add_argument("--train-scale", type=int, default=4, help="largest training output, × native")
     parser.add_argument("--scales", default="1,2,4,8", help="evaluated output scales, × native")
-    parser.add_argument("--steps", type=int, default=3400)
+    parser.add_argument("--steps", type=int, default=4800)
     parser.add_argument("--augment", type=int, default=1, help="1: train on a random flip/rotation of each crop "
                         "(8 per crop, each encoded by the VAE); 0: the crops as cut")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -237,11 +247,12 @@ def main() -> None:
     print(f"VAE {args.vae}; {len(train_photos)} training and {len(holdout_photos)} held-out files", flush=True)
     if not args.load_model:
         natives_tr, targets_tr, _ = crops(train_photos, args.train_crops, args.native, (args.train_scale,), args.seed)
-        latents_tr = (torch.stack([encode(vae, dihedral(natives_tr, g)) for g in range(8)]) if args.augment
-                      else encode(vae, natives_tr))
+        latents_tr = torch.stack([encode(vae, natives_tr, g) for g in range(8)]) if args.augment else encode(vae, natives_tr)
     scales = tuple(int(v) for v in args.scales.split(","))
     natives, targets, where = crops(holdout_photos, args.holdout_crops, args.native, SCALES, args.seed + 1)
     latents = encode(vae, natives)
+    natives = torch.stack([to_tensor(image) for image in natives])
+    targets = {scale: to_uint8(images) for scale, images in targets.items()}
     vae_facts = vae_report(vae, args.vae, holdout_photos, args.native, args.seed + 2)
     print(f"VAE at native size on held-out crops of any scale: PSNR {vae_facts['any_scale_psnr']:.2f} dB, "
           f"SSIM {vae_facts['any_scale_ssim']:.3f}", flush=True)
@@ -268,6 +279,7 @@ def main() -> None:
             ema.save_pretrained(args.save_model)
             (args.save_model / "training.json").write_text(json.dumps(training, indent=2))
         del natives_tr, targets_tr, latents_tr  # GBs at native 256: the 8× metrics need the room
+        release_freed_memory()
 
     try:
         lpips_model, lpips_note = load_lpips(), "AlexNet LPIPS (pretrained backbone)"
@@ -287,7 +299,7 @@ def main() -> None:
             row = metrics(images, truth, lpips_model)
             row["seconds_per_image"] = (time.time() - t) / len(images)
             results[f"{scale}x"][name] = row
-            if scale == 4:
+            if scale == 4 and name in FIGURE:
                 decoded_4x[name] = images
             print(f"  {scale}x {name:<17} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  "
                   f"MS-SSIM {row['ms_ssim'] if row['ms_ssim'] is None else round(row['ms_ssim'], 4)}", flush=True)
@@ -322,7 +334,7 @@ def main() -> None:
     print(f"wrote {args.out} ({report['seconds']['total'] / 60:.1f} min)")
     if args.figure and "infgen" in decoded_4x:
         pick = range(0, len(latents), max(1, len(latents) // 4))[:4]
-        rows = [[to_float(targets[4][i]), decoded_4x["vae_bicubic"][i], decoded_4x["infgen"][i]] for i in pick]
+        rows = [[to_float(targets[4][i])] + [decoded_4x[name][i] for name in FIGURE] for i in pick]
         credits = [f"held-out crops at 4x ({args.native}px latent input -> {4 * args.native}px); photos: "]
         credits += [next(p.credit() for p in holdout_photos if p.name == where[i]["photo"]) for i in pick]
         figure(args.figure, rows, ["truth", "VAE decode + bicubic", "infgen"], credits)

