@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from infgen.evaluation import DECODERS as EVAL_DECODERS, Decoders  # noqa: E402
 from infgen.data import target_window  # noqa: E402
-from infgen.images import dihedral, dihedral_region, random_region, region_at, region_image, resize, to_tensor  # noqa: E402
+from infgen.images import (dihedral, dihedral_region, random_region, region_at, region_image, resize,  # noqa: E402
+                           to_tensor)
 from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402
@@ -57,7 +58,7 @@ from infgen.vae import load_vae  # noqa: E402
 
 SCALES = (1, 2, 4, 8)
 DECODERS = (*EVAL_DECODERS, "true_bicubic")
-FIGURE = ("vae_bicubic", "infgen")  # beside the truth
+FIGURE = {"vae_bicubic": "VAE decode + bicubic", "infgen": "infgen"}  # decoders beside the truth: their labels
 
 
 def crops(photos, count_per_photo: int, native: int, scales, seed: int) -> tuple[list, dict, list]:
@@ -247,7 +248,8 @@ def main() -> None:
     print(f"VAE {args.vae}; {len(train_photos)} training and {len(holdout_photos)} held-out files", flush=True)
     if not args.load_model:
         natives_tr, targets_tr, _ = crops(train_photos, args.train_crops, args.native, (args.train_scale,), args.seed)
-        latents_tr = torch.stack([encode(vae, natives_tr, g) for g in range(8)]) if args.augment else encode(vae, natives_tr)
+        latents_tr = (torch.stack([encode(vae, natives_tr, g) for g in range(8)]) if args.augment
+                      else encode(vae, natives_tr))
     scales = tuple(int(v) for v in args.scales.split(","))
     natives, targets, where = crops(holdout_photos, args.holdout_crops, args.native, SCALES, args.seed + 1)
     latents = encode(vae, natives)
@@ -274,7 +276,8 @@ def main() -> None:
               f"{args.steps} steps, batch {args.batch_size}, {args.window}-px windows", flush=True)
         trained = train(model, latents_tr, targets_tr[args.train_scale], args)
         ema = trained.pop("ema").eval()
-        training.update(seconds=round(trained["seconds"], 1), final_l1=trained["final_l1"], train_crops=len(targets_tr[args.train_scale]))
+        training.update(seconds=round(trained["seconds"], 1), final_l1=trained["final_l1"],
+                        train_crops=len(targets_tr[args.train_scale]))
         if args.save_model:
             ema.save_pretrained(args.save_model)
             (args.save_model / "training.json").write_text(json.dumps(training, indent=2))
@@ -337,7 +340,7 @@ def main() -> None:
         rows = [[to_float(targets[4][i])] + [decoded_4x[name][i] for name in FIGURE] for i in pick]
         credits = [f"held-out crops at 4x ({args.native}px latent input -> {4 * args.native}px); photos: "]
         credits += [next(p.credit() for p in holdout_photos if p.name == where[i]["photo"]) for i in pick]
-        figure(args.figure, rows, ["truth", "VAE decode + bicubic", "infgen"], credits)
+        figure(args.figure, rows, ["truth", *FIGURE.values()], credits)
         print(f"wrote {args.figure}")
 
 

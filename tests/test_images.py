@@ -8,9 +8,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
+from PIL import Image
 
 from infgen.images import BACKGROUND, UnsupportedImage, dihedral, dihedral_region, output_size, to_rgb
 
