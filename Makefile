@@ -10,9 +10,12 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 .PHONY: setup demo test bench quality clean
 
 # the venv, then the wallpaper photos (apt-get download + dpkg-deb -x, ~100 MB) and the offline VAEs fitted
-# on them, cached under ~/.cache/infgen (INFGEN_CACHE): each is a no-op once done
+# on them, cached under ~/.cache/infgen (INFGEN_CACHE): each is a no-op once done. VAES: which ones (default:
+# all); the demo and the quality benchmark need only `photo`, the tests `tiny` too
 setup: $(STAMP)
-	$(BIN)/infgen setup
+	$(BIN)/infgen setup $(VAES)
+
+demo quality: VAES := photo
 
 # constraints.txt: the versions the suite last passed with (pyproject.toml keeps the ranges users install)
 $(STAMP): pyproject.toml constraints.txt

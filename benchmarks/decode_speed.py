@@ -11,7 +11,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -156,12 +155,12 @@ def derive(results: dict[str, dict], presets: list[str]) -> list[dict]:
 def environment() -> dict:
     import torch
 
+    from infgen.machine import describe_machine
+
     if ARGS.threads:
         torch.set_num_threads(ARGS.threads)
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": ARGS.device,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "command": sys.argv,
+            **describe_machine(), "device": ARGS.device, "command": sys.argv,
             "repeats": ARGS.repeats, "warmup": ARGS.warmup, "latent": [1, 4, LATENT_SIDE, LATENT_SIDE]}
 
 

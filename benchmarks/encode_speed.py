@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
+from infgen.machine import describe_machine  # noqa: E402
 from infgen.vae import materialise_offline_vae  # noqa: E402
 from pipelines.encode import (EncodeConfig, EncodeUDF, prepare_batch, read_tar_samples, run_encode,  # noqa: E402
                               sample_batches)
@@ -165,9 +165,8 @@ def main() -> None:
     ratios = {name: rate[name] / rate["bare"] for name in variants}
     best = max(ratios, key=ratios.get)
     result = {
-        "environment": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-                        "platform": platform.platform(), "python": platform.python_version(),
-                        "torch": torch.__version__, "ray": ray.__version__,
+        "environment": {"date": datetime.datetime.now().isoformat(timespec="seconds"), **describe_machine(),
+                        "ray": ray.__version__,
                         "bare_loop_torch_threads": torch.get_num_threads()},
         "setup": {"images": args.images, "shards": len(shards), "batch_size": args.batch_size, "input_size": 512,
                   "vae": "tiny (CPU, float32)", "hr_format": "png", "num_actors": args.num_actors,

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.train_speed import loadavg, make_shards  # noqa: E402
+from infgen.machine import describe_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,7 @@ def main() -> None:
     patches = sum(r["patches"] + r["reference_patches"] for r in result.stats["rows"])
     out = {
         "benchmark": "eval_speed", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "loadavg_after": loadavg()},
+        "machine": {**describe_machine(), "loadavg_after": loadavg()},
         "params": vars(args), "data": data,
         "bare_s": round(bare_s, 2), "ray_s": round(ray_s, 2),
         "throughput_ratio_ray_over_bare": round(bare_s / ray_s, 3),

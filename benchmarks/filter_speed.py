@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infgen.machine import describe_machine  # noqa: E402
 from pipelines.filter import _IP_LIKE_RE, _URL_RE, host_verdict, run_filter  # noqa: E402
 
 # the thresholds of conf/data/filter.yaml (the real job's)
@@ -258,7 +258,7 @@ def main() -> None:
     rows = result.stats["rows_in"]
     stage_rps, base_rps = rows / stage_s, baseline["rows_in"] / baseline["seconds"]
     report = {
-        "environment": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "python": platform.python_version(),
+        "environment": {**describe_machine(), "ray_num_cpus": args.num_cpus,
                         "ray": ray.__version__, "pyarrow": pa.__version__, "loadavg_1_5_15": load},
         "data": {"rows": rows, "files": len(paths), "bytes": sum(p.stat().st_size for p in paths),
                  "schema": "aesthetics_v2", "thresholds": THRESHOLDS},

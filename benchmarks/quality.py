@@ -31,7 +31,6 @@ import ctypes
 import datetime
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -50,6 +49,7 @@ from infgen.data import target_window  # noqa: E402
 from infgen.images import (dihedral, dihedral_region, random_region, region_at, region_image, resize,  # noqa: E402
                            to_tensor)
 from infgen.losses import InfGenLoss, LossConfig  # noqa: E402
+from infgen.machine import describe_machine  # noqa: E402
 from infgen.metrics import LPIPSUnavailable, load_lpips, psnr, ssim  # noqa: E402
 from infgen.models import InfGen  # noqa: E402
 from infgen.photos import load_photos, open_rgb  # noqa: E402
@@ -312,8 +312,7 @@ def main() -> None:
     report = {
         "what": "held-out reconstruction at 1x-8x of a fixed native size: infgen vs VAE decode + upscaling",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "torch": torch.__version__},
+        "machine": describe_machine(),
         "vae": {"name": args.vae, "scaling_factor": vae.scaling_factor, "param_count": sum(p.numel() for p in vae.parameters()),
                 "native_psnr": results["1x"]["vae_bicubic"]["psnr"], "native_ssim": results["1x"]["vae_bicubic"]["ssim"],
                 **vae_facts},

@@ -21,8 +21,6 @@ import argparse
 import datetime
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 from infgen.data import target_window  # noqa: E402
+from infgen.machine import describe_machine  # noqa: E402
 from infgen.photos import load_photos  # noqa: E402
 from pipelines.encode import EncodeConfig, crop_box_for, decode_image  # noqa: E402
 from pipelines.shards import encode_hr  # noqa: E402
@@ -122,8 +121,7 @@ def main() -> None:
     report = {
         "what": "bytes per sample and decode time of the high-resolution training target, per storage option",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 1,
-                    "pillow": Image.__version__},
+        "machine": {**describe_machine(), "threads": 1, "pillow": Image.__version__},
         "data": {"photos": len(originals["bytes"]), "skipped_under_2MP_or_1024": skipped,
                  "source": sorted({p.source for p in photos}),
                  "crop": "square, short side >= 1024 px, long side <= 2048 (conf/cluster/encode.yaml)",

@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).reso
 
 import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+from infgen.machine import describe_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "conf/train/local.yaml"
@@ -262,16 +263,14 @@ def main() -> None:
 
     import mlflow
     import ray
-    import torch
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="train_speed_"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"environment": {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **describe_machine(),
+        "ray": ray.__version__,
         "mlflow": mlflow.__version__, "command": sys.argv, "loadavg_at_start": loadavg()}}
 
     count = int(conf.samples.count)

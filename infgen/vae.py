@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .machine import describe_machine
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,9 @@ def fit_vae(autoencoder: nn.Module, seed: int, photos: str, phases: list[list[in
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * i / len(plan)))))
     autoencoder.train()
-    for crop, batch_size in plan:
+    # ten progress lines (a fit takes minutes); the ETA counts pixels, which a step's time is about proportional to
+    every, start, pixels, done = max(1, len(plan) // 10), time.time(), sum(c * c * b for c, b in plan), 0
+    for step, (crop, batch_size) in enumerate(plan, 1):
         x = batch(crop, batch_size)
         posterior = autoencoder.encode(x).latent_dist
         y = autoencoder.decode(posterior.sample()).sample
@@ -192,6 +195,11 @@ def fit_vae(autoencoder: nn.Module, seed: int, photos: str, phases: list[list[in
         loss.backward()
         optimizer.step()
         schedule.step()
+        done += crop * crop * batch_size
+        if step % every == 0:
+            elapsed = time.time() - start
+            log.info("VAE fit: step %d/%d, loss %.4f, %.0f s, ETA %.0f s", step, len(plan), loss.item(), elapsed,
+                     elapsed * (pixels - done) / done)
     autoencoder.eval()
     with torch.no_grad():
         std = torch.cat([autoencoder.encode(batch(*phases[-1][:2])).latent_dist.mode() for _ in range(8)]).std().item()
@@ -220,7 +228,7 @@ def materialise_offline_vae(name: str) -> Path:
             torch.set_rng_state(rng_state)
         autoencoder.save_pretrained(tmp)
         (Path(tmp) / "fit.json").write_text(json.dumps({**spec, "seconds": round(time.time() - start, 1),
-                                                        "threads": torch.get_num_threads()}, indent=2))
+                                                        "machine": describe_machine()}, indent=2))
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race: its copy is identical

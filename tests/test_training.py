@@ -121,3 +121,17 @@ def test_bf16_autocast_only_where_it_is_native():
     assert not autocast_bf16(torch.device("cpu"), False) and not autocast_bf16(torch.device("cuda"), False)
     assert autocast_bf16(torch.device("cuda"), True)
     assert autocast_bf16(torch.device("cpu"), True) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_machine_record_states_what_timings_depend_on():
+    """Benchmarks and the VAE fit record state the CPU, its SIMD level and whether training autocasts to bf16."""
+    import os
+
+    from infgen.machine import describe_machine
+    from infgen.training import autocast_bf16
+
+    machine = describe_machine()
+    assert machine["cpu"] and machine["cpus"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+    assert machine["native_bf16"] == autocast_bf16(torch.device("cpu"), True)
+    assert machine["torch_threads"] == torch.get_num_threads()

@@ -16,6 +16,23 @@ def test_tiny_vae_goes_through_from_pretrained(tiny_vae):
     assert not any(p.requires_grad for p in tiny_vae.parameters())
 
 
+def test_fit_logs_its_progress_and_sets_the_scaling_factor(caplog):
+    """A fit takes minutes on 2 cores: ten progress lines with the loss and an ETA, the last one at ETA 0; the
+    scaling factor is 1/std of the fitted latents."""
+    import logging
+    import re
+
+    from infgen.vae import build_offline_vae, fit_vae
+
+    with caplog.at_level(logging.INFO, logger="infgen.vae"):
+        autoencoder = fit_vae(build_offline_vae("tiny"), seed=0, photos="shipped", phases=[[32, 2, 15], [64, 1, 5]],
+                              lr=1e-3, kl_weight=1e-4, logvar_init=None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("VAE fit:")]
+    assert [int(re.search(r"step (\d+)/20", line).group(1)) for line in lines] == list(range(2, 21, 2))
+    assert lines[-1].endswith("ETA 0 s") and all(re.search(r"loss \d+\.\d{4}", line) for line in lines)
+    assert 0 < autoencoder.config.scaling_factor != 1.0 and not autoencoder.training
+
+
 def test_vae_config_reads_the_latent_space_without_weights(tiny_vae, tmp_path):
     """What the driver needs of a VAE (scaling factor, channels, scale) comes from its config file alone; a config
     without a scaling factor means SD's 0.18215 (as diffusers assumes); a source that is not a VAE is named."""
