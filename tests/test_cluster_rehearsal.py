@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import numpy as np
 import pytest
 
+from pipelines.checkpoint import STATE_FILE
 from pipelines.sample_data import write_encoded_shards, write_laion_parquet
 from pipelines.services import free_port
 
@@ -298,7 +299,7 @@ def test_train_job_on_two_nodes(cluster, jobs, mlflow_server, tmp_path, tiny_vae
     run_dir = tmp_path / "train" / "rehearsal"
     model = InfGen.from_pretrained(run_dir / "model")
     assert model.config.scaling_factor == tiny_vae.scaling_factor
-    assert len(list(run_dir.glob("checkpoint_*/state.pt"))) == 2  # steps 3 and 6 (keep_checkpoints: 2)
+    assert len(list(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))) == 2  # steps 3 and 6 (keep_checkpoints: 2)
 
     mlflow = MlflowClient(mlflow_server)
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("rehearsal-train").experiment_id])
