@@ -134,7 +134,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    import torch
 
     materialise_offline_vae("tiny")  # fitted once, never timed
     work = Path(tempfile.mkdtemp(prefix="encode_speed_"))
@@ -166,8 +165,7 @@ def main() -> None:
     best = max(ratios, key=ratios.get)
     result = {
         "environment": {"date": datetime.datetime.now().isoformat(timespec="seconds"), **describe_machine(),
-                        "ray": ray.__version__,
-                        "bare_loop_torch_threads": torch.get_num_threads()},
+                        "ray": ray.__version__},  # torch_threads: the bare loop's
         "setup": {"images": args.images, "shards": len(shards), "batch_size": args.batch_size, "input_size": 512,
                   "vae": "tiny (CPU, float32)", "hr_format": "png", "num_actors": args.num_actors,
                   "cpus_per_actor": args.cpus_per_actor, "repeats": args.repeats,

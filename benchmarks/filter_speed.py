@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infgen.machine import describe_machine  # noqa: E402
 from pipelines.filter import _IP_LIKE_RE, _URL_RE, host_verdict, run_filter  # noqa: E402
 
 # the thresholds of conf/data/filter.yaml (the real job's)
@@ -254,6 +253,9 @@ def main() -> None:
     sizes = [int(x) for x in args.rss_rows.split(",") if x.strip()]
     rss = driver_rss(sizes, args.files, args.seed, args.data.parent, work, {**config, "mlflow": {
         **config["mlflow"], "experiment": "filter-speed-rss"}}, ray.get_runtime_context().gcs_address) if sizes else {}
+
+    # only now: it loads torch, which the RSS children (which import this file) must not carry
+    from infgen.machine import describe_machine
 
     rows = result.stats["rows_in"]
     stage_rps, base_rps = rows / stage_s, baseline["rows_in"] / baseline["seconds"]

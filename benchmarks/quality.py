@@ -9,7 +9,7 @@ Data (conf/photos.yaml, split BY FILE):
     Training regions come from the training photos, held-out regions from the held-out photos.
 Training: infgen from scratch for `--steps` steps on output windows (InfGen.forward's `region`) of outputs
     whose side is drawn from 1×..`--train-scale`× native, L1 + L2 loss (the GAN and LPIPS terms need a
-    pretrained backbone and far more steps; see the README), bf16 autocast where the CPU has native bf16; each
+    pretrained backbone and far more steps; see the README), bf16 autocast where oneDNN runs bf16; each
     sample a random one of its crop's 8 flips/rotations, encoded by the VAE (`--augment`): 38 training files
     are few, and the model overfits them (measured, 3,200 steps: +1.3 dB over the VAE on its own training crops,
     +0.4 on held-out ones; with the flips/rotations +0.6 held-out).

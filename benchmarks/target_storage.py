@@ -121,7 +121,7 @@ def main() -> None:
     report = {
         "what": "bytes per sample and decode time of the high-resolution training target, per storage option",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**describe_machine(), "threads": 1, "pillow": Image.__version__},
+        "machine": {**describe_machine(), "pillow_threads": 1, "pillow": Image.__version__},
         "data": {"photos": len(originals["bytes"]), "skipped_under_2MP_or_1024": skipped,
                  "source": sorted({p.source for p in photos}),
                  "crop": "square, short side >= 1024 px, long side <= 2048 (conf/cluster/encode.yaml)",

@@ -1,8 +1,8 @@
-"""The machine a time was measured on, as every benchmark and the offline VAEs' fit record state it.
+"""The machine a time was measured on, as every timing benchmark and the offline VAEs' fit record state it.
 
-Why it matters: 2 cores with AVX-512 and native bf16 kernels (a Zen 4 EPYC: the README's timings) run this
-project's CPU work 2-5× faster than 2 cores with AVX2 only (set-up 22 min against ~7, a training step 1.7 s
-against 0.37; README, Quick start).
+Why it matters: this project's model work (VAE fits, training, evaluation) ran 3-5× longer on 2 cores with
+AVX2 only than on 2 Zen 4 cores with AVX-512 and bf16 kernels, where the README's times were measured (README,
+Quick start). A VM's CPU model name may not tell them apart ("AMD EPYC"); its SIMD level does.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def cpu_model() -> str:
 
 def describe_machine() -> dict:
     """{"cpu": model name, "cpus": logical cores, "cpu_capability": the widest SIMD level torch's CPU kernels use
-    here ("AVX512", "AVX2", "DEFAULT", ...; torch.backends.cpu.get_cpu_capability()), "native_bf16": whether
-    oneDNN has native bfloat16 kernels (AVX512-BF16/AMX: where infgen.training.autocast_bf16 autocasts on a CPU),
-    "torch_threads": torch's intra-op threads now, "torch", "python", "platform"}."""
+    here ("AVX512", "AVX2", "DEFAULT", ...; torch.backends.cpu.get_cpu_capability()), "onednn_bf16": whether
+    oneDNN runs bfloat16 here (AVX-512 and up, or Arm bf16: where infgen.training.autocast_bf16 autocasts on a
+    CPU), "torch_threads": torch's intra-op threads now, "torch", "python", "platform"}."""
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}

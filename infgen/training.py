@@ -28,7 +28,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    bf16: bool = True  # autocast to bfloat16 on CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX)
+    bf16: bool = True  # autocast to bfloat16 on CUDA, and on CPUs where oneDNN runs bf16 (AVX-512)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -40,9 +40,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def autocast_bf16(device: torch.device, wanted: bool) -> bool:
-    """Whether to autocast to bfloat16 on `device`: on CUDA when wanted, and on a CPU only where oneDNN has
-    native bf16 kernels (measured on a Zen 4 CPU: a training step ~1.6× faster); elsewhere bf16 is emulated
-    and slower than float32."""
+    """Whether to autocast to bfloat16 on `device`: on CUDA when wanted, and on a CPU only where oneDNN runs bf16
+    (AVX-512 and up, or Arm bf16; on a Zen 4, with AVX512-BF16, a training step was ~1.6× faster); elsewhere
+    bf16 is emulated and slower than float32."""
     if not wanted:
         return False
     return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -184,7 +184,8 @@ def fit_vae(autoencoder: nn.Module, seed: int, photos: str, phases: list[list[in
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * i / len(plan)))))
     autoencoder.train()
-    # ten progress lines (a fit takes minutes); the ETA counts pixels, which a step's time is about proportional to
+    # a progress line every tenth of the steps (a fit takes minutes); the ETA counts pixels, which a step's time
+    # is about proportional to
     every, start, pixels, done = max(1, len(plan) // 10), time.time(), sum(c * c * b for c, b in plan), 0
     for step, (crop, batch_size) in enumerate(plan, 1):
         x = batch(crop, batch_size)

@@ -24,7 +24,7 @@ def test_fit_logs_its_progress_and_sets_the_scaling_factor(caplog):
 
     from infgen.vae import build_offline_vae, fit_vae
 
-    with caplog.at_level(logging.INFO, logger="infgen.vae"):
+    with caplog.at_level(logging.INFO, logger="infgen.vae"), torch.random.fork_rng():  # it seeds torch
         autoencoder = fit_vae(build_offline_vae("tiny"), seed=0, photos="shipped", phases=[[32, 2, 15], [64, 1, 5]],
                               lr=1e-3, kl_weight=1e-4, logvar_init=None)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("VAE fit:")]
