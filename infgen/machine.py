@@ -25,12 +25,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU (AVX-512 and up, or Arm bf16); elsewhere bf16 is emulated and
+    slower than float32 (torch.ops.mkldnn._is_mkldnn_bf16_supported)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def describe_machine() -> dict:
     """{"cpu": model name, "cpus": logical cores, "cpu_capability": the widest SIMD level torch's CPU kernels use
-    here ("AVX512", "AVX2", "DEFAULT", ...; torch.backends.cpu.get_cpu_capability()), "onednn_bf16": whether
-    oneDNN runs bfloat16 here (AVX-512 and up, or Arm bf16: where infgen.training.autocast_bf16 autocasts on a
-    CPU), "torch_threads": torch's intra-op threads now, "torch", "python", "platform"}."""
+    here ("AVX512", "AVX2", "DEFAULT", ...; torch.backends.cpu.get_cpu_capability()), "onednn_bf16":
+    `onednn_bf16()` (where infgen.training.autocast_bf16 autocasts on a CPU), "torch_threads": torch's intra-op
+    threads now, "torch", "python", "platform"}."""
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "onednn_bf16": onednn_bf16(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .losses import InfGenLoss, unwrap
+from .machine import onednn_bf16
 
 
 @dataclass
@@ -41,11 +42,10 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 def autocast_bf16(device: torch.device, wanted: bool) -> bool:
     """Whether to autocast to bfloat16 on `device`: on CUDA when wanted, and on a CPU only where oneDNN runs bf16
-    (AVX-512 and up, or Arm bf16; on a Zen 4, with AVX512-BF16, a training step was ~1.6× faster); elsewhere
-    bf16 is emulated and slower than float32."""
+    (infgen.machine.onednn_bf16; on a Zen 4, with AVX512-BF16, a training step was ~1.6× faster)."""
     if not wanted:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cuda" or (device.type == "cpu" and onednn_bf16())
 
 
 class InfGenTrainer:
