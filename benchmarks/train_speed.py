@@ -4,7 +4,7 @@ same steps on the same data, with 1 and 2 Ray Train workers, in one run (see REA
 The bare loop builds the model, loss and trainer from the same config sections the Ray loop uses (`build_model`,
 `LossConfig`/`OptimConfig` from conf/train/local.yaml), reads the same parquet shards with pyarrow (minus the same
 held-out sample rows), decodes and resizes the PNG targets with the same `decode_targets` to the same per-step size
-(`step_geometry`) and runs `InfGenTrainer.train_step` with the same global batch and torch threads. It
+(`TrainLoopConfig.geometry`) and runs `InfGenTrainer.train_step` with the same global batch and torch threads. It
 warms up for `log_every` steps and times the rest, i.e. exactly the step indices of the Ray runs' steady-state log
 windows, so both sides time the same target sizes and the same discriminator on/off mix.
 
@@ -107,7 +107,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
     from pipelines import shards
     from pipelines.common import resolve_files
     from pipelines.config import dataclass_from
-    from pipelines.train import TrainConfig, build_model, decode_targets, step_geometry
+    from pipelines.train import TrainConfig, build_model, decode_targets
 
     checked = dataclass_from(TrainConfig, cfg)  # as run_train checks it
     train = checked.train
@@ -132,7 +132,7 @@ def bare_loop(cfg: dict, warmup: int, predecoded: bool = False) -> dict:
             epoch += 1
 
     def step_data(step: int, lat, hr) -> tuple:
-        views = [step_geometry(train, step, trainer.model.config.scale, view) for view in range(train.views)]
+        views = [train.geometry(step, trainer.model.config.scale, view) for view in range(train.views)]
         return torch.from_numpy(np.asarray(lat, dtype=np.float32)), decode_targets(hr, None, views=views), views
 
     data = batches()

@@ -8,7 +8,9 @@ OmegaConf structured config (the dataclass is the schema: its field types are ch
 
   * an unknown key anywhere is one ValueError naming every such key, dotted (`loss.foo`, `workers.gpus`);
   * a section's keys override its defaults one by one (`mlflow: {tracking_uri: ...}` keeps the stage's experiment);
-  * a missing required key or a value of the wrong type is a ValueError naming the key;
+  * a key the stage cannot run without (a field without a default, or one its class attribute `REQUIRED`
+    names, e.g. `("data", "output")`, left null or empty), or a value of the wrong type, is a ValueError naming
+    the key;
   * each dataclass checks its own values in `__post_init__` (ValueError naming the key).
 
 The object is built once, on the driver, and travels to Ray workers as it is (pickling does not check it again).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Mapping, Optional, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,37 +38,31 @@ Number = Union[int, float]
 KEYS_OF = "keys_of"
 
 
-def require(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
-    """ValueError naming every key of `keys` that is missing, null or empty: paths a stage cannot run without."""
-    missing = [k for k in keys if values.get(k) in (None, "")]
-    if missing:
-        raise ValueError(f"{what} config: {', '.join(missing)} must be set (e.g. {missing[0]}=PATH on the command "
-                         f"line)")
-
-
 def dataclass_from(cls: type[T], values: Any) -> T:
     """A config (an OmegaConf DictConfig, a mapping, or already a `cls`) → the dataclass `cls`: `values` merged
     over the OmegaConf structured config of `cls`, sections key by key over their defaults. Raises ValueError,
     prefixed with the stage's label: every unknown key at once, dotted; a section or config that is not a
-    mapping; missing required keys; a value of the wrong type (the key and the value); or whatever a
-    dataclass's own checks reject."""
-    if isinstance(values, cls):
-        return values
+    mapping; a required key unset (a field without a default; a key of `cls.REQUIRED` null or empty, also on a
+    `cls` passed in); a value of the wrong type (the key and the value); or whatever a dataclass's own checks
+    reject."""
     label = getattr(cls, "CONFIG_NAME", cls.__name__)
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    if values is not None and not isinstance(values, Mapping):
-        raise ValueError(f"{label} config: the config must be a mapping, got {type(values).__name__}")
-    unknown: list[str] = []
-    values = _known(cls, values or {}, label, "", unknown)
-    if unknown:  # OmegaConf would stop at the first one
-        raise ValueError(f"{label} config: unknown keys {sorted(unknown)}")
-    schema = OmegaConf.structured(cls)  # outside the try: a field type OmegaConf cannot hold is a bug, not input
+    if not isinstance(values, cls):
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"{label} config: the config must be a mapping, got {type(values).__name__}")
+        unknown: list[str] = []
+        values = _known(cls, values or {}, label, "", unknown)
+        if unknown:  # OmegaConf would stop at the first one
+            raise ValueError(f"{label} config: unknown keys {sorted(unknown)}")
+        schema = OmegaConf.structured(cls)  # outside the try: a field type OmegaConf cannot hold is a bug, not input
     try:
-        config = OmegaConf.merge(schema, values)
-        if missing := sorted(OmegaConf.missing_keys(config)):
-            raise ValueError(f"{label} config: missing keys {missing}")
-        return OmegaConf.to_object(config)  # runs each dataclass's __post_init__
+        config = values if isinstance(values, cls) else OmegaConf.merge(schema, values)
+        unset = [k for k in getattr(cls, "REQUIRED", ()) if getattr(config, k) in (None, "")]
+        if unset := sorted(OmegaConf.missing_keys(config)) + unset:  # a field without a default, too
+            raise ValueError(f"{label} config: {', '.join(unset)} must be set (e.g. {unset[0]}=PATH on the command "
+                             f"line)")
+        return config if isinstance(config, cls) else OmegaConf.to_object(config)  # runs each __post_init__
     except OmegaConfBaseException as e:  # a value of the wrong type
         reason = str(e).splitlines()[0]  # the lines after it repeat the key and name the dataclasses
         raise ValueError(f"{label} config: {f'{e.full_key}={e.value!r}: ' if e.full_key else ''}{reason}") from None

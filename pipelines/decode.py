@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 
 from pipelines.common import (STATS, StageResult, local_files, output_root, output_uri, publish, resolve_files,
                               staging_path, uri, write_json)
-from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from
 
 DONE_SUFFIX = ".done"  # per input file, written after its images: the file is complete
 DTYPES = ("fp32", "fp16", "bf16")
@@ -50,6 +50,7 @@ class DecodeConfig:
     a ValueError names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "decode"
+    REQUIRED: ClassVar[tuple] = ("model", "input", "output")  # null or "": an error naming them (dataclass_from)
     model: Optional[str] = None
     input: Optional[str] = None
     output: Optional[str] = None
@@ -67,7 +68,6 @@ class DecodeConfig:
         from infgen.images import IMAGE_FORMATS
         from infgen.models import parse_size
 
-        require(vars(self), ("model", "input", "output"), "decode")
         self.sizes = [parse_size(_size(s), 2 ** 31) for s in self.sizes]
         if not self.sizes:
             raise ValueError("decode config: sizes is empty")

@@ -76,7 +76,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, local_files, mark_success, publish,
                               read_json, resolve_files, staging_path, write_json)
-from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from
 from pipelines.tracking import config_hash
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class DownloadConfig:
     ValueError names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "download"
+    REQUIRED: ClassVar[tuple] = ("input", "output")  # null or "": an error naming them (dataclass_from)
     input: Optional[str] = None  # the filter stage's output directory, or <download output>/failed.parquet
     output: Optional[str] = "outputs/data/download"
     url_col: str = "url"
@@ -109,7 +110,6 @@ class DownloadConfig:
     mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-data"))
 
     def __post_init__(self) -> None:
-        require(vars(self), ("input", "output"), "download")
         if self.distributor not in ("multiprocessing", "ray"):
             raise ValueError(f"download config: distributor={self.distributor!r}; use multiprocessing or ray")
         if self.save_columns is not None and not isinstance(self.save_columns, (list, tuple)):

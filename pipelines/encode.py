@@ -53,7 +53,7 @@ from infgen.images import UnsupportedImage, to_rgb
 from pipelines import shards
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
                               read_json, resolve_files, uri, write_json)
-from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class EncodeConfig:
     ValueError names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "encode"
+    REQUIRED: ClassVar[tuple] = ("input", "output")  # null or "": an error naming them (dataclass_from)
     input: Optional[str] = None  # .tar shards: a file, a directory, a glob, or a URI (s3://, gs://, ...)
     output: Optional[str] = None  # the stage writes <output>/<fingerprint>/
     vae: str = "tiny"  # a hub id, a local diffusers directory, or "tiny"
@@ -107,7 +108,6 @@ class EncodeConfig:
     mlflow: EncodeMlflow = field(default_factory=lambda: EncodeMlflow(experiment="infgen-data"))
 
     def __post_init__(self) -> None:
-        require(vars(self), ("input", "output"), "encode")
         self.aspect_range = tuple(float(a) for a in self.aspect_range)
 
         def bad(key: str, why: str) -> ValueError:

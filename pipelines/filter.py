@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import (STATS, StageResult, fingerprint, is_complete, mark_success, output_root, output_uri,
                               read_json, remove_dir, renames_are_atomic, resolve_files, write_json)
-from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, Number, RayConfig, dataclass_from
 
 
 FORMAT_VERSION = 2  # 2: URLs normalised (normalize_urls) before dedup. Bump when the output changes for the same inputs and parameters (new fingerprint)
@@ -107,6 +107,7 @@ class FilterConfig:
     ValueError names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "filter"
+    REQUIRED: ClassVar[tuple] = ("input", "output")  # null or "": an error naming them (dataclass_from)
     input: Optional[str] = None  # parquet: a file, a directory of parts, a glob or a URI
     output: Optional[str] = None  # the result lands in <output>/<fingerprint>/
     overwrite: bool = False
@@ -124,7 +125,6 @@ class FilterConfig:
     mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-data"))
 
     def __post_init__(self) -> None:
-        require(vars(self), ("input", "output"), "filter")
         if self.partitions is not None and (not isinstance(self.partitions, int) or self.partitions < 1):
             raise ValueError(f"filter config: partitions={self.partitions!r} must be a positive integer or null")
         for key in ("min_pixels", "min_short_side", "max_aspect_ratio", "min_aesthetic", "max_punsafe",

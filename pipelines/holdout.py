@@ -95,6 +95,16 @@ class Holdout:
         pipelines.shards.key_urls reads them."""
         return [k for keys, urls in files for k, u in zip(keys, urls) if self.held_out(u)]
 
+    def training_split(self, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
+                       sample_keys: Sequence[str]) -> tuple[list[str], "HoldoutRecord"]:
+        """What training on `files` (each shard's (keys, urls), as for `keys_in`) with this split (its URL list
+        read) leaves out, and the record of it: (the keys training never reads: the sample grid's rows, then every
+        row the split holds out, in file order; the HoldoutRecord of `data`). Each URL is hashed once."""
+        held = self.keys_in(files)
+        record = HoldoutRecord(self, data, tuple(rows_fingerprint(keys, urls) for keys, urls in files),
+                               sum(len(keys) for keys, _ in files), len(held), tuple(sample_keys))
+        return list(sample_keys) + held, record
+
 
 # ---- the split recorded with a model ------------------------------------------------------------------------
 
@@ -162,14 +172,3 @@ class HoldoutRecord:
                        int(record["held_out_rows"]), tuple(record["sample_keys"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a holdout record ({type(e).__name__}: {e})") from None
-
-
-def training_split(holdout: Holdout, data: str, files: Sequence[tuple[Sequence[str], Sequence[Optional[str]]]],
-                   sample_keys: Sequence[str]) -> tuple[list[str], HoldoutRecord]:
-    """What training on `files` (each shard's (keys, urls), pipelines.shards.key_urls) with `holdout` (its URL list
-    read) leaves out, and the record of it: (the keys training never reads: the sample grid's rows, then every row
-    the split holds out, in file order; the HoldoutRecord). Each URL is hashed once."""
-    held = holdout.keys_in(files)
-    record = HoldoutRecord(holdout, data, tuple(rows_fingerprint(keys, urls) for keys, urls in files),
-                           sum(len(keys) for keys, _ in files), len(held), tuple(sample_keys))
-    return list(sample_keys) + held, record

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 from omegaconf import OmegaConf
 
 from pipelines.common import local_files, output_root
-from pipelines.config import MlflowConfig, RayConfig, dataclass_from, require
+from pipelines.config import MlflowConfig, RayConfig, dataclass_from
 from pipelines.tracking import PARENT_RUN_ENV, config_hash
 
 STAGES = ("filter", "download", "encode", "train", "evaluate")
@@ -52,6 +52,7 @@ class PipelineConfig:
     it (its YAML + overrides, chained paths stood in for: `check_stages`); a ValueError names the problem."""
 
     CONFIG_NAME: ClassVar[str] = "pipeline"
+    REQUIRED: ClassVar[tuple] = ("output",)  # null or "": an error naming them (dataclass_from)
     name: str = "pipeline"
     output: Optional[str] = None  # every stage writes under <output>/<stage>
     input: Optional[str] = None  # LAION metadata parquet (file, directory, glob or URI)
@@ -60,7 +61,6 @@ class PipelineConfig:
     stages: Stages = field(default_factory=Stages)
 
     def __post_init__(self) -> None:
-        require(vars(self), ("output",), self.CONFIG_NAME)
         check_stages(self)
 
 

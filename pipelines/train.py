@@ -34,8 +34,8 @@ from infgen.vae import load_vae, vae_config
 from pipelines import checkpoint, shards
 from pipelines.checkpoint import EXPORTED, RUN_CONFIG
 from pipelines.common import resolve_files, verbose
-from pipelines.config import KEYS_OF, MlflowConfig, Number, RayConfig, dataclass_from, require
-from pipelines.holdout import RECORD, Holdout, training_split
+from pipelines.config import KEYS_OF, MlflowConfig, Number, RayConfig, dataclass_from
+from pipelines.holdout import RECORD, Holdout
 from pipelines.tracking import NEWEST_ALIAS, PARENT_RUN_ENV, Tracker, config_hash
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,22 @@ class TrainLoopConfig:
                 raise ValueError(f"train.views={self.views} needs a train.window no larger than the smallest output "
                                  f"side ({smallest} px for sizes {self.sizes}), got {self.window}")
 
+    def geometry(self, step: int, scale: int, view: int = 0) -> tuple[tuple[int, int], Optional[tuple]]:
+        """What view `view` (of `views`) of step `step` decodes, the same on every rank and on resume: the output
+        size (H, W), drawn from `sizes` / `aspect_range` (multiples of `multiple`), and the window it trains on,
+        (top, left, height, width) in pixels (multiples of `scale`), `window` px per side at a seeded position;
+        the window is None (the whole output) when `window` is null or covers the output."""
+        seed = self.seed * 1_000_003 + step + view * 7_919_000_011
+        size = random_target_size(random.Random(seed), tuple(self.sizes), self.multiple, tuple(self.aspect_range))
+        side = self.window
+        if not side or side >= max(size):
+            return size, None
+        rng = random.Random(seed * 31 + 7)
+        height, width = min(side, size[0]) // scale * scale, min(side, size[1]) // scale * scale
+        top = rng.randint(0, (size[0] - height) // scale) * scale
+        left = rng.randint(0, (size[1] - width) // scale) * scale
+        return size, (top, left, height, width)
+
 
 @dataclass
 class SamplesConfig:
@@ -109,6 +125,7 @@ class TrainConfig:
     `model` overrides by InfGenConfig, on the preset); a ValueError names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "training"
+    REQUIRED: ClassVar[tuple] = ("data", "output")  # null or "": an error naming them (dataclass_from)
     name: str = "infgen-local"  # the run: the same name and output resume it
     data: Optional[str] = None  # the encode stage's output (parquet shards)
     output: Optional[str] = None  # a shared POSIX path: checkpoints and the model under <output>/<name>/
@@ -125,7 +142,6 @@ class TrainConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        require(vars(self), ("data", "output"), "training")
         if self.preset not in INFGEN_PRESETS:
             raise ValueError(f"training config: preset={self.preset!r} is not one of {sorted(INFGEN_PRESETS)}")
         InfGenConfig(**{**INFGEN_PRESETS[self.preset], **self.model})  # the overrides' values, by its own checks
@@ -134,6 +150,16 @@ class TrainConfig:
             raise ValueError(f"training config: optim.total_steps={self.optim.total_steps} differs from "
                              f"train.steps={steps}; the schedule spans the run: leave optim.total_steps out")
         self.optim = replace(self.optim, total_steps=steps)
+
+    def describe(self, step: int) -> str:
+        """What was trained, for the MLflow run's description: the preset, `step` steps, the data, target sizes and
+        loss terms."""
+        loss = self.loss
+        terms = "L1 + L2" + (" + a perceptual term on a RANDOM backbone (offline: not LPIPS)"
+                             if loss.lpips_weight and loss.lpips_random_backbone else
+                             " + LPIPS" if loss.lpips_weight else "")
+        return (f"InfGen {self.preset} trained {step} steps on {self.data} (targets {self.train.sizes} px, "
+                f"loss {terms}).")
 
 
 @dataclass
@@ -151,24 +177,6 @@ class TrainResult:
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
-
-
-def step_geometry(train: TrainLoopConfig, step: int, scale: int,
-                  view: int = 0) -> tuple[tuple[int, int], Optional[tuple]]:
-    """What view `view` (of `train.views`) of step `step` decodes, the same on every rank and on resume: the output
-    size (H, W), drawn from `train.sizes` / `aspect_range` (multiples of `train.multiple`), and the window it trains
-    on, (top, left, height, width) in pixels (multiples of `scale`), `train.window` px per side at a seeded
-    position; the window is None (the whole output) when `train.window` is null or covers the output."""
-    seed = train.seed * 1_000_003 + step + view * 7_919_000_011
-    size = random_target_size(random.Random(seed), tuple(train.sizes), train.multiple, tuple(train.aspect_range))
-    side = train.window
-    if not side or side >= max(size):
-        return size, None
-    rng = random.Random(seed * 31 + 7)
-    height, width = min(side, size[0]) // scale * scale, min(side, size[1]) // scale * scale
-    top = rng.randint(0, (size[0] - height) // scale) * scale
-    left = rng.randint(0, (size[1] - width) // scale) * scale
-    return size, (top, left, height, width)
 
 
 def decode_targets(hr: Sequence[bytes], size: tuple[int, int],
@@ -321,7 +329,7 @@ def train_loop(loop: dict) -> None:
         scale = unwrap(trainer.model).config.scale
 
         def plan(step: int) -> list:
-            return [step_geometry(train, step, scale, view) for view in range(train.views)]
+            return [train.geometry(step, scale, view) for view in range(train.views)]
 
         while trainer.step < train.steps:
             raw = shard.iter_batches(batch_size=rows_per_worker, batch_format="numpy", drop_last=True,
@@ -350,7 +358,7 @@ def train_loop(loop: dict) -> None:
                     ray.train.report(metrics)
         if rank == 0:
             export(loop, trainer, tracker)
-            tracker.set_note(training_note(cfg, trainer.step, sampler))
+            tracker.set_note(f"{cfg.describe(trainer.step)} {sampler.describe()}")
 
 
 def save_checkpoint(trainer: InfGenTrainer, rank: int, run_id: Optional[str], metrics: dict) -> None:
@@ -384,18 +392,6 @@ def export(loop: Mapping[str, Any], trainer: InfGenTrainer, tracker: Tracker) ->
             print(f"[train] logged as an MLflow model, registered as {name} version {version} "
                   f"(models:/{name}@{NEWEST_ALIAS})", flush=True)
     (run_dir / EXPORTED).write_text(json.dumps({**done, "model_name": name, "model_version": version}))
-
-
-def training_note(cfg: TrainConfig, step: int, sampler: "SampleGrid") -> str:
-    """The run's description: what was trained, how it compares on the held-out samples, and the caveats."""
-    loss = cfg.loss
-    terms = "L1 + L2" + (" + a perceptual term on a RANDOM backbone (offline: not LPIPS)"
-                         if loss.lpips_weight and loss.lpips_random_backbone else
-                         " + LPIPS" if loss.lpips_weight else "")
-    psnrs = "; ".join(f"{w}x{h}: {ours:.2f} vs {base:.2f} dB" for (h, w), (ours, base) in sampler.last_psnr.items())
-    return (f"InfGen {cfg.preset} trained {step} steps on {cfg.data} (targets {cfg.train.sizes} px, "
-            f"loss {terms}). Held-out sample PSNR, infgen vs VAE decode + bicubic: {psnrs or 'not logged'} "
-            f"({len(sampler.latents)} samples: a progress signal; the evaluate stage measures quality).")
 
 
 def check_resume(run_dir: str, cfg: TrainConfig) -> None:
@@ -450,6 +446,12 @@ class SampleGrid:
         self.truth = {s: decode_targets(self.hr, s) for s in self.sizes}
         self.baseline = {s: resize(native, s, mode="bicubic") for s in self.sizes}
         self.last_psnr: dict[tuple, tuple[float, float]] = {}  # size → (infgen, VAE + bicubic) at the last log
+
+    def describe(self) -> str:
+        """The last logged PSNRs, infgen against the baseline at each size, for the run's description."""
+        psnrs = "; ".join(f"{w}x{h}: {ours:.2f} vs {base:.2f} dB" for (h, w), (ours, base) in self.last_psnr.items())
+        return (f"Held-out sample PSNR, infgen vs VAE decode + bicubic: {psnrs or 'not logged'} ({len(self.latents)} "
+                f"samples: a progress signal; the evaluate stage measures quality).")
 
     @torch.no_grad()
     def log(self, model: InfGen, tracker: Tracker, step: int) -> None:
@@ -506,7 +508,7 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     keys, latents, hr = shards.last_rows(fs, paths, cfg.samples.count)
     # the split this model is trained with, kept with it (record): the evaluation scores only rows it never trained on
     holdout = cfg.holdout.read()
-    excluded, record = training_split(holdout, cfg.data, shards.key_urls(fs, paths), keys)
+    excluded, record = holdout.training_split(cfg.data, shards.key_urls(fs, paths), keys)
     if holdout:
         print(f"[train] {record.held_out_rows} rows held out for evaluation (holdout: {holdout.describe()})", flush=True)
     dataset = shards.training_dataset(fs, paths, excluded)

@@ -28,7 +28,9 @@ class Inner:
 @dataclass
 class Stage:
     CONFIG_NAME: ClassVar[str] = "toy"
+    REQUIRED: ClassVar[tuple] = ("output",)
     path: str  # required: no default
+    output: Optional[str] = None  # required: null or "" is unset
     inner: Inner = field(default_factory=lambda: Inner(size=16))  # the stage's own default for the section
     maybe: Optional[Inner] = None
     overrides: dict = field(default_factory=dict, metadata={KEYS_OF: Inner})
@@ -36,18 +38,20 @@ class Stage:
 
 
 def test_sections_are_built_over_the_stage_defaults():
-    cfg = dataclass_from(Stage, {"path": "p", "inner": {"mode": "random"}, "mlflow": {"tracking_uri": "http://x"}})
+    cfg = dataclass_from(Stage, {"path": "p", "output": "o", "inner": {"mode": "random"},
+                                 "mlflow": {"tracking_uri": "http://x"}})
     assert cfg.inner == Inner(size=16, mode="random")  # the stage's size, the given mode
     assert cfg.mlflow == MlflowConfig(tracking_uri="http://x", experiment="toy-experiment")
-    assert cfg.maybe is None and dataclass_from(Stage, {"path": "p", "maybe": {"size": 2}}).maybe == Inner(2)
-    assert dataclass_from(Stage, {"path": "p", "inner": None}).inner == Inner(size=16)  # null: the defaults
+    assert cfg.maybe is None
+    assert dataclass_from(Stage, {"path": "p", "output": "o", "maybe": {"size": 2}}).maybe == Inner(2)
+    assert dataclass_from(Stage, {"path": "p", "output": "o", "inner": None}).inner == Inner(size=16)  # the defaults
     assert dataclass_from(Stage, cfg) is cfg  # a checked config passes as it is
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # what Ray ships to workers
 
 
 def test_every_unknown_key_is_named_dotted_at_once():
-    values = {"path": "p", "pth": 1, "inner": {"sise": 1}, "maybe": {"x": 1}, "overrides": {"size": 2, "colour": 1},
-              "mlflow": {"experiment_name": "e"}}
+    values = {"path": "p", "output": "o", "pth": 1, "inner": {"sise": 1}, "maybe": {"x": 1},
+              "overrides": {"size": 2, "colour": 1}, "mlflow": {"experiment_name": "e"}}
     with pytest.raises(ValueError) as error:
         dataclass_from(Stage, values)
     assert str(error.value) == ("toy config: unknown keys ['inner.sise', 'maybe.x', 'mlflow.experiment_name', "
@@ -55,16 +59,20 @@ def test_every_unknown_key_is_named_dotted_at_once():
 
 
 def test_missing_keys_bad_sections_and_bad_values_are_named():
-    with pytest.raises(ValueError, match=r"toy config: missing keys \['path'\]"):
-        dataclass_from(Stage, {})
+    with pytest.raises(ValueError, match=r"toy config: path must be set \(e.g. path=PATH"):
+        dataclass_from(Stage, {"output": "o"})
+    with pytest.raises(ValueError, match=r"toy config: path, output must be set"):
+        dataclass_from(Stage, {"output": ""})
+    with pytest.raises(ValueError, match=r"toy config: output must be set"):  # a checked config passed in too
+        dataclass_from(Stage, Stage(path="p"))
     with pytest.raises(ValueError, match="toy config: the section inner must be a mapping, got int"):
-        dataclass_from(Stage, {"path": "p", "inner": 3})
+        dataclass_from(Stage, {"path": "p", "output": "o", "inner": 3})
     with pytest.raises(ValueError, match="toy config: the config must be a mapping, got list"):
         dataclass_from(Stage, [1])
     with pytest.raises(ValueError, match="inner.size must be >= 1, got 0"):  # the section's own check
-        dataclass_from(Stage, {"path": "p", "inner": {"size": 0}})
+        dataclass_from(Stage, {"path": "p", "output": "o", "inner": {"size": 0}})
     with pytest.raises(ValueError, match=r"toy config: inner.size='big': "):  # a value of the wrong type
-        dataclass_from(Stage, {"path": "p", "inner": {"size": "big"}})
+        dataclass_from(Stage, {"path": "p", "output": "o", "inner": {"size": "big"}})
 
 
 def test_training_model_overrides_are_checked_by_their_keys():

@@ -273,14 +273,14 @@ def test_holdout_selects_exactly_the_images_training_leaves_out(encoded):
 
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import Holdout, training_split
+    from pipelines.holdout import Holdout
     from pipelines.shards import key_urls
 
     fs, paths = resolve_files(str(encoded))
     holdout = read_split({"fraction": 0.5, "seed": 3})
     keys = holdout.keys_in(key_urls(fs, paths))
     assert 0 < len(keys) < 8
-    assert training_split(holdout, str(encoded), key_urls(fs, paths), [])[0] == keys
+    assert holdout.training_split(str(encoded), key_urls(fs, paths), [])[0] == keys
     cfg = dataclass_from(EvalConfig, {"model": None, "decoders": ["vae_bicubic"], "data": str(encoded), "output": "x",
                                    "holdout": {"fraction": 0.5, "seed": 3}})
     assert sorted(k for unit in plan(cfg).units for k in unit["keys"]) == sorted(keys)
@@ -300,7 +300,6 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     image is out of training and in the evaluation, whatever host serves it; nothing else is evaluated."""
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import training_split
     from pipelines.shards import key_urls
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos, as the encode stage writes crops_per_image=2
@@ -317,7 +316,7 @@ def test_holdout_by_file_never_trains_on_a_listed_image_and_evaluates_exactly_it
     held = {k for k, u in url_of.items() if u.endswith("/photo1.jpg")}
     assert len(held) == 2
 
-    excluded, record = training_split(read_split(section), str(encoded), key_urls(fs, paths), ["sample-row"])
+    excluded, record = read_split(section).training_split(str(encoded), key_urls(fs, paths), ["sample-row"])
     assert excluded[0] == "sample-row" and record.held_out_rows == 2 and record.rows == 8
     training = set(url_of) - set(excluded)
     assert held <= set(excluded) and not held & training and len(training) == 6
@@ -347,7 +346,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
 
     from pipelines.common import resolve_files
     from pipelines.evaluate import plan
-    from pipelines.holdout import RECORD, training_split
+    from pipelines.holdout import RECORD
     from pipelines.shards import key_urls
 
     latents, hr = pairs  # 8 crops: 2 of each of 4 photos
@@ -360,7 +359,7 @@ def test_the_model_record_selects_its_held_out_rows_and_refuses_trained_ones(pai
     assert len(held) == 2
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    training_split(split, str(encoded), key_urls(fs, paths), [])[1].write(model)  # what training writes
+    split.training_split(str(encoded), key_urls(fs, paths), [])[1].write(model)  # what training writes
 
     def planned(data=encoded, **overrides):
         p = plan(dataclass_from(EvalConfig, {"model": str(model), "decoders": ["infgen", "vae_bicubic"],

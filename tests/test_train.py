@@ -170,31 +170,31 @@ def test_killed_run_resumes_when_rerun(ray_local, encoded, tmp_path):
 
 
 def test_training_windows_are_seeded_per_step_and_inside_the_output():
-    from pipelines.train import TrainLoopConfig, step_geometry
+    from pipelines.train import TrainLoopConfig
 
     train = TrainLoopConfig(sizes=[192, 192], multiple=8, aspect_range=[1.5, 1.5], window=64, seed=3)  # 128×192
-    assert step_geometry(train, 5, 8) == step_geometry(train, 5, 8)
-    geometries = {step_geometry(train, step, 8) for step in range(50)}
+    assert train.geometry(5, 8) == train.geometry(5, 8)
+    geometries = {train.geometry(step, 8) for step in range(50)}
     assert {size for size, _ in geometries} == {(128, 192)}
     windows = {window for _, window in geometries}
     assert len(windows) > 10
     for top, left, height, width in windows:
         assert (height, width) == (64, 64) and top % 8 == left % 8 == 0
         assert top + height <= 128 and left + width <= 192
-    assert step_geometry(TrainLoopConfig(window=None, seed=0), 1, 8)[1] is None
+    assert TrainLoopConfig(window=None, seed=0).geometry(1, 8)[1] is None
     small = TrainLoopConfig(sizes=[64, 64], multiple=8, aspect_range=[1.0, 1.0], window=64, seed=3)
-    assert step_geometry(small, 1, 8) == ((64, 64), None)  # the window covers the output: train on all of it
-    sizes = {step_geometry(TrainLoopConfig(sizes=[128, 256], seed=0), step, 8)[0] for step in range(50)}
+    assert small.geometry(1, 8) == ((64, 64), None)  # the window covers the output: train on all of it
+    sizes = {TrainLoopConfig(sizes=[128, 256], seed=0).geometry(step, 8)[0] for step in range(50)}
     assert len(sizes) > 3 and all(128 <= max(s) <= 256 and s[0] % 16 == s[1] % 16 == 0 for s in sizes)
 
 
 def test_a_step_draws_its_views_independently_and_view_0_as_a_single_view_step():
-    from pipelines.train import TrainLoopConfig, step_geometry
+    from pipelines.train import TrainLoopConfig
 
     train = TrainLoopConfig(sizes=[256, 1024], window=64, views=4, batch_size=8, seed=3)
-    assert all(step_geometry(train, step, 8, 0) == step_geometry(replace(train, views=1), step, 8)
+    assert all(train.geometry(step, 8, 0) == replace(train, views=1).geometry(step, 8)
                for step in range(20))
-    views = [step_geometry(train, 5, 8, view) for view in range(4)]
+    views = [train.geometry(5, 8, view) for view in range(4)]
     assert len(set(views)) == 4 and all(window[2:] == (64, 64) for _, window in views)
     with pytest.raises(ValueError, match="divisible"):
         TrainLoopConfig(batch_size=6, num_workers=2, views=2, window=64)

@@ -8,7 +8,7 @@ from typing import ClassVar, Optional
 
 from infgen.evaluation import DECODERS
 from infgen.fid import PatchProtocol
-from pipelines.config import MlflowConfig, Number, RayConfig, require
+from pipelines.config import MlflowConfig, Number, RayConfig
 from pipelines.holdout import Holdout
 
 
@@ -44,6 +44,7 @@ class EvalConfig:
     names the key that is wrong."""
 
     CONFIG_NAME: ClassVar[str] = "evaluation"
+    REQUIRED: ClassVar[tuple] = ("data", "output")  # null or "": an error naming them (dataclass_from)
     model: Optional[str]  # local exported model dir, training checkpoint dir (pipelines.checkpoint), runs:/ or models:/
     data: Optional[str] = None  # encoded parquet shards (a path or URI), or a local directory of latent files
     output: Optional[str] = None  # results under <output>/<fingerprint>/ (a path or URI)
@@ -82,7 +83,6 @@ class EvalConfig:
     mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="infgen-eval"))
 
     def __post_init__(self) -> None:
-        require(vars(self), ("data", "output"), "evaluation")
         if self.data_kind not in ("encoded", "latents"):
             raise ValueError(f"data_kind must be 'encoded' or 'latents', got {self.data_kind!r}")
         if self.data_kind == "latents" and not self.reference:
