@@ -25,7 +25,6 @@ def load_lpips(net: str = "alex", backbone_weights: Optional[Union[str, Path]] =
     torchvision's own cache/download is used. random_backbone=True builds a randomly initialised backbone
     instead: only for offline tests, never a metric, and it is logged as such.
     """
-    import lpips
     import torchvision
 
     if random_backbone:
@@ -33,10 +32,10 @@ def load_lpips(net: str = "alex", backbone_weights: Optional[Union[str, Path]] =
                "only for offline tests; never report it as a metric")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-        return lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+        return _lpips(net, random_backbone=True).eval().requires_grad_(False)
     if backbone_weights is None:
         try:
-            return lpips.LPIPS(net=net, pnet_rand=False, verbose=False).eval().requires_grad_(False)
+            return _lpips(net, random_backbone=False).eval().requires_grad_(False)
         except Exception as e:  # torchvision's download: URLError, OSError, ... depending on the platform
             raise LPIPSUnavailable(
                 f"LPIPS needs pretrained {net} backbone weights and torchvision could not get them ({e}). "
@@ -45,7 +44,7 @@ def load_lpips(net: str = "alex", backbone_weights: Optional[Union[str, Path]] =
     path = Path(backbone_weights)
     if not path.is_file():
         raise LPIPSUnavailable(f"LPIPS backbone weights {path}: no such file")
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    model = _lpips(net, random_backbone=True)
     backbone = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16,
                 "squeeze": torchvision.models.squeezenet1_1}[net]()
     try:
@@ -59,6 +58,17 @@ def load_lpips(net: str = "alex", backbone_weights: Optional[Union[str, Path]] =
              for param, value in backbone.features[int(index)].state_dict().items()}
     model.net.load_state_dict(state)
     return model.eval().requires_grad_(False)
+
+
+def _lpips(net: str, random_backbone: bool) -> nn.Module:
+    """lpips.LPIPS, without the deprecation warnings torchvision gives for how lpips (0.1.4) builds its backbone
+    (`pretrained=`): they would repeat in every training worker's log and are not the user's to act on."""
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+        return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
 
 
 def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,9 @@ class InfGenModel(mlflow.pyfunc.PythonModel):
 
         self.model = InfGen.from_pretrained(context.artifacts[ARTIFACT]).eval()
 
-    # no type hints on predict: MLflow 3 would derive a second signature from them
-    def predict(self, context, model_input, params=None):
+    # model_input's hint is np.ndarray, one MLflow derives no signature from (the explicit one stands) and that
+    # stops its advice to add type hints at every import of this file
+    def predict(self, context, model_input: np.ndarray, params=None):
         """float32 latents (B, C, h, w) → uint8 images (B, height, width, 3); see the module docstring."""
         p = {**PARAMS, **(params or {})}
         latents = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

@@ -282,8 +282,8 @@ class Tracker:
             mlflow.set_tracking_uri(self.tracking_uri)
             # the fluent API logs models; attach it to this run (ending it there: the model comes last)
             with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
-                # its advice to add type hints to predict: the signature below is explicit
-                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+                # its advice to give an input example: the signature below is explicit
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=pyfunc.__file__, artifacts={pyfunc.ARTIFACT: str(model_dir)},
                     code_paths=[str(Path(infgen.__file__).parent)], signature=pyfunc.signature(config.latent_channels),
