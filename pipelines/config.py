@@ -59,7 +59,9 @@ def dataclass_from(cls: type[T], values: Any) -> T:
     try:
         config = values if isinstance(values, cls) else OmegaConf.merge(schema, values)
         unset = [k for k in getattr(cls, "REQUIRED", ()) if getattr(config, k) in (None, "")]
-        if unset := sorted(OmegaConf.missing_keys(config)) + unset:  # a field without a default, too
+        if not isinstance(config, cls):  # a field without a default, left out (an instance has them all)
+            unset = sorted(OmegaConf.missing_keys(config)) + unset
+        if unset:
             raise ValueError(f"{label} config: {', '.join(unset)} must be set (e.g. {unset[0]}=PATH on the command "
                              f"line)")
         return config if isinstance(config, cls) else OmegaConf.to_object(config)  # runs each __post_init__

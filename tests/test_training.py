@@ -138,7 +138,9 @@ def test_machine_record_states_what_timings_depend_on():
     assert set(machine) == {"cpu", "cpus", "cpu_capability", "onednn_bf16", "torch_threads", "torch", "python",
                             "platform"}
     assert machine["cpu"] and machine["cpus"] == os.cpu_count() and machine["torch"] == torch.__version__
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
     assert machine["onednn_bf16"] == autocast_bf16(torch.device("cpu"), True)
+    assert machine["torch_threads"] == torch.get_num_threads()
     if platform.machine() in ("x86_64", "AMD64"):
         assert machine["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
         assert not machine["onednn_bf16"] or machine["cpu_capability"] == "AVX512"
