@@ -50,14 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights and compute (fp16/bf16 on a GPU; on a CPU bf16 only where it is native)")
     decode.add_argument("--tile", type=int, default=None, help="decode in tiles of N×N output pixels")
     decode.add_argument("--iterative", action="store_true", help="2× steps with VAE re-encoding up to --size")
-    decode.add_argument("--vae", default=None, help="VAE for --iterative: hub id, diffusers directory or 'tiny'")
+    decode.add_argument("--vae", default=None, help="VAE for --iterative: hub id, diffusers directory or an offline "
+                        f"VAE ({', '.join(sorted(OFFLINE_VAES))})")
     decode.add_argument("--unscaled", action="store_true", help="latents are raw VAE means, not ×scaling_factor")
     decode.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     commands.add_parser("presets", help="list the model presets and their parameter counts")
 
     setup = commands.add_parser("setup", help="fetch the wallpaper photos and fit the offline VAEs (once; cached)")
-    setup.add_argument("vaes", nargs="*", default=list(OFFLINE_VAES), help="offline VAEs to fit (default: all)")
+    setup.add_argument("vaes", nargs="*", default=list(OFFLINE_VAES),
+                       help=f"offline VAEs to fit: {', '.join(sorted(OFFLINE_VAES))} (default: all)")
     return parser
 
 
@@ -67,6 +69,10 @@ def run_setup(args: argparse.Namespace) -> None:
     from .photos import SPLITS, load_photos, photos_dir
     from .vae import materialise_offline_vae
 
+    unknown = [name for name in args.vaes if name not in OFFLINE_VAES]
+    if unknown:  # before the photos are fetched
+        raise ValueError(f"setup: {', '.join(map(repr, unknown))}: not an offline VAE "
+                         f"({', '.join(sorted(OFFLINE_VAES))})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     photos = load_photos()
     counts = ", ".join(f"{sum(p.split == s for p in photos)} {s}" for s in SPLITS)

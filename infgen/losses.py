@@ -40,6 +40,16 @@ class LossConfig:
         if self.disc_loss not in ("hinge", "non_saturating"):
             raise ValueError(f"disc_loss must be 'hinge' or 'non_saturating', got {self.disc_loss!r}")
 
+    def describe(self, step: int) -> str:
+        """The terms that counted in the first `step` steps, weighted, e.g. "L1 + 0.1·LPIPS + 0.1·GAN (hinge, from
+        step 10000)": the GAN term only once past `disc_start`."""
+        weighted = [("L1", self.l1_weight), ("L2", self.l2_weight),
+                    ("a perceptual term on a RANDOM backbone (offline: not LPIPS)" if self.lpips_random_backbone
+                     else f"LPIPS ({self.lpips_net})", self.lpips_weight)]
+        if step > self.disc_start:
+            weighted.append((f"GAN ({self.disc_loss}, from step {self.disc_start})", self.adv_weight))
+        return " + ".join(name if w == 1 else f"{w:g}·{name}" for name, w in weighted if w) or "no term"
+
 
 class PatchDiscriminator(nn.Sequential):
     """PatchGAN (pix2pix): strided 4×4 convs, one real/fake logit per ~70-pixel patch.

@@ -97,6 +97,24 @@ class FrozenVAE(nn.Module):
         return self.autoencoder.decode(z).sample.float().clamp(-1, 1).contiguous()
 
 
+def vae_source(name_or_path: Union[str, Path], subfolder: Optional[str] = None) -> str:
+    """Where a VAE loads from: an offline VAE's cached directory (fitted first if it is not cached), a local
+    diffusers directory, or a Hugging Face Hub id. Raises ValueError, before any network call, for a directory
+    without config.json, or a name that is none of these (a hub id is owner/name)."""
+    source = str(name_or_path)
+    if source in OFFLINE_VAES:
+        return str(materialise_offline_vae(source))
+    if Path(source).exists():
+        if not (Path(source) / (subfolder or "") / "config.json").is_file():
+            raise ValueError(f"{source}: not a diffusers VAE directory (no config.json"
+                             f"{' in ' + subfolder if subfolder else ''})")
+        return source
+    if "/" not in source:  # neither a file nor a hub id: a typo, not something to ask the network for
+        raise ValueError(f"vae={source!r} is not an offline VAE ({', '.join(sorted(OFFLINE_VAES))}), a local "
+                         f"directory or a hub id (owner/name)")
+    return source
+
+
 def vae_config(name_or_path: Union[str, Path], subfolder: Optional[str] = None) -> tuple[str, dict]:
     """(local source, config) of a diffusers AutoencoderKL without its weights: latent_channels, block_out_channels
     (the ×2^(levels-1) scale), scaling_factor (absent in old configs: SD's 0.18215, as diffusers assumes). An
@@ -104,7 +122,7 @@ def vae_config(name_or_path: Union[str, Path], subfolder: Optional[str] = None) 
     config cannot be read."""
     from diffusers import AutoencoderKL
 
-    source = str(materialise_offline_vae(str(name_or_path))) if str(name_or_path) in OFFLINE_VAES else str(name_or_path)
+    source = vae_source(name_or_path, subfolder)
     try:
         config = dict(AutoencoderKL.load_config(source, subfolder=subfolder))
     except (OSError, ValueError) as e:
@@ -121,12 +139,7 @@ def load_vae(name_or_path: Union[str, Path], subfolder: Optional[str] = None,
     on first use and cached. Raises ValueError naming the source when it cannot be loaded."""
     from diffusers import AutoencoderKL
 
-    source = str(name_or_path)
-    if source in OFFLINE_VAES:
-        source = str(materialise_offline_vae(source))
-    elif Path(source).exists() and not (Path(source) / (subfolder or "") / "config.json").is_file():
-        raise ValueError(f"{source}: not a diffusers VAE directory (no config.json"
-                         f"{' in ' + subfolder if subfolder else ''})")
+    source = vae_source(name_or_path, subfolder)
     try:
         autoencoder = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     except OSError as e:

@@ -70,10 +70,10 @@ def check_placeholders(config: Any) -> None:
 def run_job(description: str, config_class: type, run: Callable[[Any], Any], report: Callable[[Any], None],
             argv: Optional[Sequence[str]] = None, exit_codes: Mapping[type, int] = BAD_INPUT) -> None:
     """The job entry point: `--config FILE [key=value ...]` → the stage's checked config (`config_class`, on
-    the driver, once) → `run(config)` → `report(result)`. With `--dry-run`: check the config (keys, values,
-    required paths, placeholders left in), print it with its defaults filled in and exit 0, running nothing. A
-    bad config exits 2 with the problem named; an error of a type in `exit_codes` raised by `run` exits with
-    its code and message."""
+    the driver, once; a value still holding a documentation placeholder is an error) → `run(config)` →
+    `report(result)`. With `--dry-run`: check the config, print it with its defaults filled in and exit 0,
+    running nothing. A bad config exits 2 with the problem named; an error of a type in `exit_codes` raised by
+    `run` exits with its code and message."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--dry-run", action="store_true",
@@ -82,8 +82,7 @@ def run_job(description: str, config_class: type, run: Callable[[Any], Any], rep
     args = parser.parse_args(argv)
     try:
         raw = load_job_config(args.config, args.overrides)
-        if args.dry_run:
-            check_placeholders(raw)
+        check_placeholders(raw)  # FINGERPRINT, YOUR-BUCKET, ... copied from the docs and never filled in
         config = dataclass_from(config_class, raw)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

@@ -1,7 +1,7 @@
 """Stage 2: download the filter stage's URLs with img2dataset into webdataset shards (resumable, retryable).
 
-    python -m jobs.download --config conf/data/download.yaml input=<filter output dir> [key=value ...]
-    python -m jobs.download --config conf/data/download.yaml input=<filter output dir> retry_failed=true
+    python -m jobs.download --config conf/data/download.yaml input=outputs/data/filter/FINGERPRINT [key=value ...]
+    python -m jobs.download --config conf/data/download.yaml input=outputs/data/filter/FINGERPRINT retry_failed=true
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Stage 3: encode img2dataset webdataset shards into frozen-VAE latents of random crops + the crops at high resolution.
 
-    python -m jobs.encode --config conf/data/encode.yaml [key=value ...]
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.encode --config conf/data/encode.yaml
+    python -m jobs.encode --config conf/data/encode.yaml input=outputs/data/download/FINGERPRINT/shards [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.encode \\
+        --config conf/cluster/encode.yaml input=/mnt/shared/infgen/data/download/FINGERPRINT/shards
 """
 
 from __future__ import annotations

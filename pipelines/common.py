@@ -52,9 +52,11 @@ def verbose() -> bool:
     return os.environ.get("INFGEN_VERBOSE") == "1"
 
 
-def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
+def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet",
+                  key: str = "input") -> tuple[pafs.FileSystem, list[str]]:
     """A file, a directory (its `*suffix` files, recursively), or a glob, locally or at a URI
-    (s3://, gs://, hdfs://, file://) → (filesystem, sorted paths). No match is an error naming the spec."""
+    (s3://, gs://, hdfs://, file://) → (filesystem, sorted paths). No match is a ValueError naming the config
+    `key` and the spec."""
     fs, path = pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(spec))
     if any(ch in path for ch in "*?["):
         base = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
@@ -69,9 +71,9 @@ def resolve_files(spec: str, suffix: str | tuple[str, ...] = ".parquet") -> tupl
             paths = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
                      and not os.path.basename(i.path).startswith(("_", "."))]
         else:
-            raise ValueError(f"input {spec!r}: no such file or directory")
+            raise ValueError(f"{key} {spec!r}: no such file or directory")
     if not paths:
-        raise ValueError(f"input {spec!r}: no {' / '.join(suffix) if isinstance(suffix, tuple) else suffix} "
+        raise ValueError(f"{key} {spec!r}: no {' / '.join(suffix) if isinstance(suffix, tuple) else suffix} "
                          "files found")
     return fs, sorted(paths)
 

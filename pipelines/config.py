@@ -67,6 +67,8 @@ def dataclass_from(cls: type[T], values: Any) -> T:
         return config if isinstance(config, cls) else OmegaConf.to_object(config)  # runs each __post_init__
     except OmegaConfBaseException as e:  # a value of the wrong type
         reason = str(e).splitlines()[0]  # the lines after it repeat the key and name the dataclasses
+        if "is not a ListConfig" in reason:  # OmegaConf's words for one value where a list belongs
+            reason = f"a list is needed, e.g. {e.full_key}=[{e.value}]"
         raise ValueError(f"{label} config: {f'{e.full_key}={e.value!r}: ' if e.full_key else ''}{reason}") from None
 
 

@@ -42,6 +42,9 @@ class DecodeWorkers:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"decode config: workers.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.num_actors < 1 or self.cpus_per_actor <= 0:
+            raise ValueError(f"decode config: workers.num_actors={self.num_actors}, workers.cpus_per_actor="
+                             f"{self.cpus_per_actor}: each must be positive")
 
 
 @dataclass
@@ -75,6 +78,9 @@ class DecodeConfig:
             raise ValueError(f"decode config: format must be one of {IMAGE_FORMATS}, got {self.format!r}")
         if self.batch_size < 1:
             raise ValueError(f"decode config: batch_size must be at least 1, got {self.batch_size}")
+        if self.tile is not None and (self.tile < 8 or self.tile % 8):
+            raise ValueError(f"decode config: tile must be a positive multiple of 8 (or null: untiled), got "
+                             f"{self.tile}")
 
 
 def _size(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Stage 2 of the data pipeline: download the filter stage's URLs into webdataset shards with img2dataset.
 
-    python -m jobs.download --config conf/data/download.yaml input=<filter output dir> [key=value ...]
+    python -m jobs.download --config conf/data/download.yaml input=outputs/data/filter/FINGERPRINT [key=value ...]
 
 Layout of one output, `<output>/<fingerprint>/` (fingerprint of the input files + the parameters that shape
 the output, so a rerun lands in the same place and continues):

@@ -628,5 +628,5 @@ def _decode_latents(vae_source: str, subfolder: Optional[str], latents: np.ndarr
 
     device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     vae = load_vae(vae_source, subfolder=subfolder, device=device)
-    images = vae.decode(torch.from_numpy(latents))
+    images = vae.decode(torch.from_numpy(np.array(latents)))  # a copy: Ray hands the task a read-only array
     return list(((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())

@@ -51,9 +51,9 @@ class TrainLoopConfig:
     steps: int = 60
     batch_size: int = 4  # global, in windows (samples): split over the workers
     views: int = 1  # windows per latent per step, each its own output size and position: batch_size / views rows
-    sizes: list = field(default_factory=lambda: [128, 256])  # long side of each step's target, drawn per step
+    sizes: list[int] = field(default_factory=lambda: [128, 256])  # [smallest, largest] long side of a step's target
     multiple: int = 16
-    aspect_range: list = field(default_factory=lambda: [0.75, 1.333])
+    aspect_range: list[Number] = field(default_factory=lambda: [0.75, 1.333])  # width/height
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: Number = 0.5
@@ -70,7 +70,21 @@ class TrainLoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.views < 1 or self.batch_size % (self.num_workers * self.views):
+        counts = ("steps", "batch_size", "views", "multiple", "num_workers", "threads_per_worker", "checkpoint_every",
+                  "keep_checkpoints", "log_every", "sample_every")
+        bad = [k for k in counts if getattr(self, k) < 1]
+        bad += [k for k in ("decode_threads", "window") if getattr(self, k) is not None and getattr(self, k) < 1]
+        bad += ["cpus_per_worker"] if self.cpus_per_worker <= 0 else []
+        if bad:
+            raise ValueError(f"training config: {', '.join(f'train.{k}={getattr(self, k)}' for k in bad)} must be "
+                             f"positive")
+        for key, pair in (("sizes", self.sizes), ("aspect_range", self.aspect_range)):
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ValueError(f"training config: train.{key}={list(pair)} must be two numbers [smallest, largest], "
+                                 f"0 < smallest <= largest")
+        if self.sizes[0] < self.multiple:
+            raise ValueError(f"training config: train.sizes={self.sizes} starts below train.multiple={self.multiple}")
+        if self.batch_size % (self.num_workers * self.views):
             raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.num_workers "
                              f"{self.num_workers} × train.views {self.views}")
         if self.views > 1:  # a step's views are concatenated: each must be a whole window of one shape
@@ -150,16 +164,17 @@ class TrainConfig:
             raise ValueError(f"training config: optim.total_steps={self.optim.total_steps} differs from "
                              f"train.steps={steps}; the schedule spans the run: leave optim.total_steps out")
         self.optim = replace(self.optim, total_steps=steps)
+        for key in ("output", "init_from"):  # written and read with plain file I/O (checkpoints, model, records)
+            value = getattr(self, key)
+            if value and "://" in value:
+                raise ValueError(f"training config: {key}={value!r} is a URI; checkpoints and the exported model "
+                                 f"need a POSIX path, shared by every node on a cluster (e.g. a mount of the bucket)")
 
     def describe(self, step: int) -> str:
         """What was trained, for the MLflow run's description: the preset, `step` steps, the data, target sizes and
         loss terms."""
-        loss = self.loss
-        terms = "L1 + L2" + (" + a perceptual term on a RANDOM backbone (offline: not LPIPS)"
-                             if loss.lpips_weight and loss.lpips_random_backbone else
-                             " + LPIPS" if loss.lpips_weight else "")
         return (f"InfGen {self.preset} trained {step} steps on {self.data} (targets {self.train.sizes} px, "
-                f"loss {terms}).")
+                f"loss {self.loss.describe(step)}).")
 
 
 @dataclass
@@ -400,8 +415,6 @@ def check_resume(run_dir: str, cfg: TrainConfig) -> None:
     worker starts and dies on a load_state_dict mismatch). The first run records them in RUN_CONFIG."""
     from pipelines.tracking import flatten
 
-    if "://" in run_dir:
-        return
     shape = {"preset": cfg.preset, "model": cfg.model, "loss": asdict(cfg.loss), "data": cfg.data, "vae": cfg.vae}
     shape = json.loads(json.dumps(shape, default=str))
     path = Path(run_dir) / RUN_CONFIG
@@ -425,7 +438,7 @@ def check_resume(run_dir: str, cfg: TrainConfig) -> None:
 def finished_run(run_dir: str, steps: int, config_hash_: str) -> Optional[dict]:
     """EXPORTED of a run that reached `steps` with this config (a rerun is then a no-op), else None."""
     path = Path(run_dir) / EXPORTED
-    if "://" in run_dir or not path.is_file():
+    if not path.is_file():
         return None
     done = json.loads(path.read_text())
     return done if done.get("step") == steps and done.get("config_hash") == config_hash_ else None
@@ -501,9 +514,9 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     # workers' print() straight to their stdout, once: Ray Train's print patch would also echo each line through
     # its logger (every progress line twice); Ray Train propagates this variable to the workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    fs, paths = resolve_files(cfg.data, suffix=".parquet", key="data")  # a wrong path fails before Ray starts
     cfg.ray.init()
 
-    fs, paths = resolve_files(cfg.data, suffix=".parquet")
     # the sample grid's rows: never trained on, decoded in every sample grid
     keys, latents, hr = shards.last_rows(fs, paths, cfg.samples.count)
     # the split this model is trained with, kept with it (record): the evaluation scores only rows it never trained on
@@ -522,7 +535,7 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     scaling_factor = space["scaling_factor"] if space else vae_config(cfg.vae)[1]["scaling_factor"]
     cfg = replace(cfg, model={"scaling_factor": scaling_factor, **cfg.model})
 
-    storage = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    storage = os.path.abspath(cfg.output)
     run_dir = os.path.join(storage, cfg.name)
     # what shapes the model: not where it is logged or run (a rerun's new server port)
     shaping = {k: v for k, v in asdict(cfg).items() if k not in ("mlflow", "ray")}
@@ -533,8 +546,7 @@ def run_train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
                         "infgen.config_hash": config_hash(shaping)},
             "sample_latents": latents, "sample_hr": hr, "holdout_record": record}
     check_resume(run_dir, cfg)
-    if "://" not in run_dir:  # beside the checkpoints too: a checkpoint evaluated as a model finds it
-        record.write(run_dir)
+    record.write(run_dir)  # beside the checkpoints too: a checkpoint evaluated as a model finds it
     finished = finished_run(run_dir, train.steps, loop["lineage"]["infgen.config_hash"])
     if finished:
         print(f"[train] {run_dir} finished {train.steps} steps with this config already: nothing to "

@@ -81,6 +81,8 @@ def test_cli_errors_name_the_problem(model_dir, tmp_path, capsys):
     assert main(["decode", "--model", str(tmp_path), "--latent", str(tmp_path / "ok.pt"), "--size", "64",
                  "--out", str(tmp_path / "o.png")]) == 2
     assert "config.json: not found" in capsys.readouterr().err
+    assert main(["setup", "phot"]) == 2  # before any photo is fetched
+    assert "setup: 'phot': not an offline VAE (photo, tiny)" in capsys.readouterr().err
 
 
 def test_load_latents_errors(tmp_path):

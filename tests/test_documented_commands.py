@@ -1,6 +1,6 @@
 """Every `python -m jobs.<name> --config ...` command that the README, the conf/ headers and the jobs' own
 docstrings show runs as written, with `--dry-run` (the job checks its config: keys, values, required paths,
-placeholders left in; nothing runs). Placeholders a user fills in (`<fp>`, `[key=value ...]`) get a value."""
+placeholders left in; nothing runs). Placeholders a user fills in (`FINGERPRINT`, `[key=value ...]`) get a value."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILLED = {"<fp>": "0123456789abcdef", "<fingerprint>": "0123456789abcdef",
-          "<filter output dir>": "outputs/data/filter/0123456789abcdef", "<encoded dir>": "outputs/data/encoded",
-          "YOUR-BUCKET": "infgen-example-bucket"}
+FILLED = {"FINGERPRINT": "0123456789abcdef", "YOUR-BUCKET": "infgen-example-bucket"}
 COMMAND = re.compile(r"python -m jobs\.([a-z_]+)(\s[^`)#]*)?")
 
 

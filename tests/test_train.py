@@ -280,6 +280,30 @@ def test_unknown_training_keys_fail_before_any_worker_starts(tmp_path):
         run_train(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.sizes=[256,abc]", r"train.sizes\[1\]='abc': Value 'abc' of type 'str' could not be converted to Integer"),
+    ("train.sizes=[]", r"train.sizes=\[\] must be two numbers \[smallest, largest\]"),
+    ("train.sizes=[512,256]", r"train.sizes=\[512, 256\] must be two numbers"),
+    ("train.sizes=256", r"train.sizes=256: a list is needed, e.g. train.sizes=\[256\]"),
+    ("train.sizes=[8,64]", r"train.sizes=\[8, 64\] starts below train.multiple=16"),
+    ("train.num_workers=0", r"train.num_workers=0 must be positive"),
+    ("train.batch_size=0", r"train.batch_size=0 must be positive"),
+    ("train.window=0", r"train.window=0 must be positive"),
+    ("train.aspect_range=[2.0,0.5]", r"train.aspect_range=\[2.0, 0.5\] must be two numbers"),
+    ("output=s3://bucket/train", r"output='s3://bucket/train' is a URI; checkpoints and the exported model need a "
+                                 r"POSIX path"),
+    ("init_from=gs://bucket/model", r"init_from='gs://bucket/model' is a URI"),
+])
+def test_values_a_run_would_crash_on_are_named_on_the_driver(tmp_path, override, message):
+    """Each would otherwise pass --dry-run and fail later: a traceback on the workers (sizes, counts), or a model
+    written to a local directory named `s3:` (an object-store output)."""
+    from jobs.config import load_job_config
+
+    cfg = load_job_config(ROOT / "conf/train/local.yaml", [f"data={tmp_path}", override])
+    with pytest.raises(ValueError, match="training config: " + message):
+        dataclass_from(TrainConfig, cfg)
+
+
 def test_the_schedule_spans_the_run_and_another_total_steps_is_refused(tmp_path):
     cfg = config(tmp_path, tmp_path / "train", None)  # train.steps: 24, optim.total_steps left out
     assert dataclass_from(TrainConfig, cfg).optim.total_steps == 24

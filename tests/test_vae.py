@@ -86,6 +86,15 @@ def test_directory_without_config_is_a_clear_error(tmp_path):
         load_vae(tmp_path)
 
 
+def test_a_mistyped_name_fails_at_once_without_asking_the_hub(monkeypatch):
+    # online, as the `infgen` CLI runs outside make: the hub would be retried for ~20 s, then another message
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for load in (load_vae, vae_config):
+        with pytest.raises(ValueError, match=r"vae='phot' is not an offline VAE \(photo, tiny\), a local directory "
+                                             r"or a hub id \(owner/name\)"):
+            load("phot")
+
+
 def test_encode_rejects_bad_images(tiny_vae):
     with pytest.raises(ValueError, match="not a multiple of 8"):
         tiny_vae.encode(torch.zeros(1, 3, 30, 32))

@@ -28,6 +28,10 @@ class EvalWorkers:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"workers.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        counts = ("num_actors", "chunk_rows", "max_batch_pixels", "reference_chunk")
+        bad = [k for k in counts if getattr(self, k) < 1] + (["cpus_per_actor"] if self.cpus_per_actor <= 0 else [])
+        if bad:
+            raise ValueError(f"{', '.join(f'workers.{k}={getattr(self, k)}' for k in bad)} must be positive")
 
 
 @dataclass
@@ -97,8 +101,8 @@ class EvalConfig:
             raise ValueError(f"resolutions must be multiples of 8, at least 64 (long side in pixels), got {bad}")
         if self.extractor not in ("inception", "random"):
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
-        if self.tile is not None and self.tile % 8:
-            raise ValueError(f"tile must be a multiple of 8, got {self.tile}")
+        if self.tile is not None and (self.tile < 8 or self.tile % 8):
+            raise ValueError(f"tile must be a positive multiple of 8 (or null: untiled), got {self.tile}")
 
 
 def extractor_id(cfg: EvalConfig) -> str:

@@ -51,8 +51,8 @@ def plan(cfg: EvalConfig) -> Plan:
     chunk_rows = cfg.workers.chunk_rows
     if cfg.data_kind == "encoded":
         return plan_encoded(cfg, chunk_rows)
-    fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES)
-    ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES)
+    fs, paths = resolve_files(cfg.data, suffix=LATENT_SUFFIXES, key="data")
+    ref_fs, ref_paths = resolve_files(cfg.reference, suffix=IMAGE_SUFFIXES, key="reference")
     for spec, where in ((cfg.data, fs), (cfg.reference, ref_fs)):
         if where.type_name != "local":  # infgen.io.load_latents and PIL read paths
             raise ValueError(f"{spec}: data_kind=latents reads latent files and reference images from a local (or "
@@ -86,7 +86,7 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
     record = scored_model_record(cfg)
     holdout, source = ((cfg.holdout.read(), "config") if cfg.holdout is not None else
                        (record.holdout, "model record") if record is not None else (Holdout(), "none"))
-    fs, paths = resolve_files(cfg.data, suffix=".parquet")
+    fs, paths = resolve_files(cfg.data, suffix=".parquet", key="data")
     groups = [(path, g, rows) for path in paths  # (path, row group, [(key, hr long side)])
               for g, rows in enumerate(shards.row_group_keys(fs, path, uri(fs, path)))]
     files = shards.key_urls(fs, paths) if holdout or record is not None else []

@@ -31,8 +31,8 @@ def run_evaluate(config: EvalConfig | Mapping[str, Any]) -> StageResult:
 
     cfg = dataclass_from(EvalConfig, config)
     start = time.time()
+    p = plan(cfg)  # a wrong path or split fails before Ray starts
     cfg.ray.init()
-    p = plan(cfg)
     data_fp, params, fp = fingerprints(cfg, p)
     fs, root = output_root(cfg.output)
     out_dir = f"{root.rstrip('/')}/{fp}"  # a path on fs
