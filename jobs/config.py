@@ -72,8 +72,8 @@ def run_job(description: str, config_class: type, run: Callable[[Any], Any], rep
     """The job entry point: `--config FILE [key=value ...]` → the stage's checked config (`config_class`, on
     the driver, once) → `run(config)` → `report(result)`. With `--dry-run`: check the config (keys, values,
     required keys set, documentation placeholders such as FINGERPRINT left in), print it with its defaults filled
-    in and exit 0, running nothing. A bad config exits 2 with the problem named; an error of a type in `exit_codes` raised by
-    `run` exits with its code and message."""
+    in and exit 0, running nothing. A bad config exits 2 with the problem named; an error of a type in
+    `exit_codes` raised by `run` exits with its code and message."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--dry-run", action="store_true",
