@@ -14,7 +14,6 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -276,9 +275,10 @@ class Tracker:
 
             import infgen
             from infgen import pyfunc
-            from infgen.models import CONFIG_NAME, load_config
+            from infgen.models import CONFIG_NAME
 
-            config = load_config(Path(model_dir) / CONFIG_NAME)
+            # the model's config.json as saved: logged as it is, not rebuilt into an InfGenConfig (export wrote it)
+            config = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
             mlflow.set_tracking_uri(self.tracking_uri)
             # the fluent API logs models; attach it to this run (ending it there: the model comes last)
             with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
@@ -286,10 +286,11 @@ class Tracker:
                 warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=pyfunc.__file__, artifacts={pyfunc.ARTIFACT: str(model_dir)},
-                    code_paths=[str(Path(infgen.__file__).parent)], signature=pyfunc.signature(config.latent_channels),
+                    code_paths=[str(Path(infgen.__file__).parent)],
+                    signature=pyfunc.signature(config["latent_channels"]),
                     # what loading needs (infgen's own imports), not an inference by importing the model
                     pip_requirements=[f"torch=={torch_version()}", "numpy", "safetensors", "pillow"],
-                    metadata={"infgen_config": asdict(config), "scaling_factor": config.scaling_factor},
+                    metadata={"infgen_config": config, "scaling_factor": config["scaling_factor"]},
                     registered_model_name=registered_model_name)
             version = info.registered_model_version
             if registered_model_name and version is not None:
