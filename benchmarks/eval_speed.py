@@ -53,7 +53,7 @@ def config(args: argparse.Namespace, model: Path, data: Path, output: Path) -> d
 def bare(cfg: dict) -> float:
     """The same units, one process, no Ray."""
     from infgen.evaluation import FEATURES, REFERENCE, Decoders, EvalAccumulator
-    from infgen.fid import RandomConvFeatures
+    from infgen.distribution_metrics import RandomConvFeatures
     from infgen.vae import load_vae
     from pipelines.config import dataclass_from
     from pipelines.evaluate import EvalConfig, distances, load_model, plan, read_encoded_unit

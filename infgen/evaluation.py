@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fid import FeatureExtractor, FeatureSample, PatchProtocol, RunningStats, patch_priority
+from .distribution_metrics import FeatureExtractor, FeatureSample, PatchProtocol, RunningStats, patch_priority
 from .images import center_crop, output_size, resize, to_pil, to_tensor
 from .metrics import psnr, ssim
 from .models import InfGen

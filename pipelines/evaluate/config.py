@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+from infgen.distribution_metrics import PatchProtocol
 from infgen.evaluation import DECODERS
-from infgen.fid import PatchProtocol
 from pipelines.config import MlflowConfig, Number, RayConfig
 from pipelines.holdout import Holdout
 

@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 import pyarrow.fs as pafs
 
+from infgen.distribution_metrics import FeatureSample, RunningStats
 from infgen.evaluation import FEATURES
-from infgen.fid import FeatureSample, RunningStats
 from pipelines.common import output_root, publish, read_json, staging_path, write_bytes, write_json
 from pipelines.evaluate.config import EvalConfig
 from pipelines.tracking import config_hash

@@ -8,8 +8,8 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.fs as pafs
 
+from infgen.distribution_metrics import FeatureSample, frechet_distance, kernel_inception_distance, precision_recall
 from infgen.evaluation import FEATURES, REFERENCE, add_counts
-from infgen.fid import FeatureSample, frechet_distance, kernel_inception_distance, precision_recall
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.reference_cache import load_reference, save_reference
 

@@ -16,8 +16,8 @@ import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
+from infgen.distribution_metrics import FeatureSample, InceptionFeatures, RandomConvFeatures, RunningStats
 from infgen.evaluation import REFERENCE, Chunk, Decoders, EvalAccumulator
-from infgen.fid import FeatureSample, InceptionFeatures, RandomConvFeatures, RunningStats
 from infgen.images import to_rgb, to_tensor
 from infgen.io import load_latents
 from infgen.metrics import load_lpips

@@ -1,11 +1,12 @@
-"""Metric core (infgen.fid): patch protocol, streaming stats, FID, precision/recall, extractor plumbing."""
+"""Distribution metrics (infgen.distribution_metrics): patch protocol, streaming stats, FID, precision/recall,
+extractor plumbing."""
 
 import numpy as np
 import pytest
 import torch
 
-from infgen.fid import (InceptionFeatures, PatchProtocol, RandomConvFeatures, RunningStats, frechet_distance,
-                        image_stats, precision_recall)
+from infgen.distribution_metrics import (InceptionFeatures, PatchProtocol, RandomConvFeatures, RunningStats,
+                                         frechet_distance, image_stats, precision_recall)
 from infgen.images import shipped_photos, to_tensor
 
 

@@ -1,5 +1,6 @@
-"""Metric core of the generative evaluation: patch protocol, streaming feature statistics, FID / sFID,
-improved precision/recall, and the Inception feature extractor (clean-fid's TorchScript weights).
+"""Distribution metrics of the generative evaluation (how far the features of decoded images lie from those of the
+reference images): patch protocol, streaming feature statistics, FID / sFID, KID, improved precision/recall, and the
+Inception feature extractor (clean-fid's TorchScript weights). Per-image reconstruction metrics: infgen/metrics.py.
 
 Everything here is plain PyTorch / numpy (no Ray): the distributed job calls these pieces per actor and
 merges the `RunningStats`.
