@@ -40,25 +40,29 @@ from infgen.evaluation import Decoders  # noqa: E402
 from infgen.images import output_size, resize, to_tensor  # noqa: E402
 from infgen.machine import describe_machine  # noqa: E402
 from infgen.metrics import psnr  # noqa: E402
-from infgen.models import InfGen  # noqa: E402
 from infgen.vae import load_vae  # noqa: E402
 from pipelines import shards  # noqa: E402
-from pipelines.holdout import RECORD, HoldoutRecord  # noqa: E402
+from pipelines.common import resolve_files  # noqa: E402
+from pipelines.evaluate.model import holdout_record, load_model  # noqa: E402
 
 
-def held_out_rows(shard_dir: Path, models: list[Path]) -> tuple[list[str], np.ndarray, list[bytes]]:
-    """(keys, latents (N, C, h, w) float32, encoded crops) of the rows the models' split holds out. Raises
-    ValueError when the models record different held-out URLs or the split holds out no row."""
-    records = [HoldoutRecord.read(m / RECORD) for m in models]
+def held_out_rows(fs: pafs.FileSystem, paths: list[str],
+                  models: list[str]) -> tuple[list[str], np.ndarray, list[bytes]]:
+    """(keys, latents (N, C, h, w) float32, encoded crops) of the rows of the shards at `paths` that the models'
+    recorded split holds out. Raises ValueError when a model records no split, when the models hold out different
+    rows, or when the split holds out none of these."""
+    records = [holdout_record(m) for m in models]
+    for model, record in zip(models, records):
+        if record is None:
+            raise ValueError(f"{model}: no holdout record (pipelines.holdout.RECORD): its held-out rows are unknown")
     first = records[0].holdout
     for model, record in zip(models[1:], records[1:]):
         h = record.holdout  # the list file's path may differ, not what it lists
         if (h.fraction, h.seed, h.listed) != (first.fraction, first.seed, first.listed):
             raise ValueError(f"{model}: holds out other rows than {models[0]}: not comparable crop by crop")
-    fs, paths = pafs.LocalFileSystem(), sorted(str(p) for p in shard_dir.glob("*.parquet"))
-    keys = records[0].holdout.keys_in(shards.key_urls(fs, paths))
+    keys = first.keys_in(shards.key_urls(fs, paths))
     if not keys:
-        raise ValueError(f"{shard_dir}: no row of these shards is held out by {models[0] / RECORD}")
+        raise ValueError(f"no row of {len(paths)} shards is held out by the split {models[0]} records")
     table = shards.read_rows(fs, paths, ["key", "latent", "hr"], keys=keys)
     return table.column("key").to_pylist(), shards.latents(table), table.column("hr").to_pylist()
 
@@ -74,21 +78,25 @@ def plus_minus(value: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", type=Path, required=True, help="an encode stage's output directory")
+    ap.add_argument("--shards", required=True, help="an encode stage's output (directory, glob or URI)")
     ap.add_argument("--models", type=Path, nargs="+", required=True,
-                    help="training run directories (each with model/ and model/holdout.json); the first is the base")
+                    help="training run directories (their exported model/), or what jobs.evaluate's `model` takes; "
+                         "the first is the base")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[1024], help="long sides in pixels")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
     start = time.time()
     torch.set_grad_enabled(False)
-    dirs = [m / "model" if (m / "model").is_dir() else m for m in args.models]
-    keys, latents, hr = held_out_rows(args.shards, dirs)
-    space = shards.recorded_latent_space(pafs.LocalFileSystem(), sorted(str(p) for p in args.shards.glob("*.parquet")))
+    models = [str(m / "model" if (m / "model").is_dir() else m) for m in args.models]
+    fs, paths = resolve_files(args.shards, key="--shards")
+    keys, latents, hr = held_out_rows(fs, paths, models)
+    space = shards.recorded_latent_space(fs, paths)
+    if space is None:
+        raise SystemExit(f"--shards {args.shards}: not one encode stage's output with its latent space recorded")
     vae = load_vae(space["vae"])
     baseline = Decoders(["vae_bicubic"], None, vae, None, 0)
-    decoders = [Decoders(["infgen"], InfGen.from_pretrained(d).eval(), vae, None, 0) for d in dirs]
+    decoders = [Decoders(["infgen"], load_model(m).eval(), vae, None, 0) for m in models]
     results = {}
     for res in args.resolutions:
         rows = []  # per crop: VAE + bicubic, then each model (PSNR dB)

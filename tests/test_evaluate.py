@@ -67,13 +67,14 @@ def test_accumulators_merge_to_the_one_shot_result(tiny_vae, pairs):
     decoders = Decoders(["vae_bicubic"], None, tiny_vae, None, 512)
     whole = make()
     whole.add_chunk(Chunk(keys, latents, list(hr)), decoders)
+    halves = [Chunk(keys[:3], latents[:3], list(hr[:3])), Chunk(keys[3:], latents[3:], list(hr[3:]))]
     a, b = make(), make()
-    a.add_chunk(Chunk(keys[:3], latents[:3], list(hr[:3])), decoders)
-    b.add_chunk(Chunk(keys[3:], latents[3:], list(hr[3:])), decoders)
+    a.add_chunk(halves[0], decoders)
+    b.add_chunk(halves[1], decoders)
     merged = a.merge(b)
     sequential = make()  # the same two chunks into one accumulator: the same float32 batches as the merged pair
-    sequential.add_chunk(Chunk(keys[:3], latents[:3], list(hr[:3])), decoders)
-    sequential.add_chunk(Chunk(keys[3:], latents[3:], list(hr[3:])), decoders)
+    for chunk in halves:
+        sequential.add_chunk(chunk, decoders)
     assert set(merged.stats) == set(whole.stats) == set(sequential.stats)
     for key, stats in whole.stats.items():
         assert merged.stats[key].n == stats.n
