@@ -23,6 +23,7 @@ from pipelines.config import dataclass_from
 from pipelines.evaluate import EvalConfig, EvalWorker, plan, run_evaluate, select
 from pipelines.evaluate.plan import Plan
 from pipelines.evaluate.report import evaluation_note
+from pipelines.evaluate.scores import psnr_gain
 from pipelines.sample_data import write_encoded_shards
 from pipelines.shards import read_rows
 
@@ -118,6 +119,18 @@ def test_config_errors_name_the_problem(tmp_path):
         dataclass_from(EvalConfig, {**base, "model": None})
 
 
+def test_psnr_gain_is_paired_over_the_images_both_decoders_scored():
+    per_image = [{"key": k, "decoder": d, "resolution": 128, "psnr": v}
+                 for k, d, v in (("a", "infgen", 21.0), ("a", "vae_bicubic", 20.0), ("b", "infgen", 31.0),
+                                 ("b", "vae_bicubic", 29.0), ("c", "infgen", 25.0), ("c", "vae_bicubic", 25.0),
+                                 ("d", "infgen", 99.0))]  # d: not scored by the baseline, left out
+    gain = psnr_gain(per_image, "infgen", 128)
+    assert gain["psnr_gain"] == pytest.approx(1.0)  # differences 1, 2, 0
+    assert gain["psnr_gain_se"] == pytest.approx(1.0 / 3 ** 0.5)  # std (ddof 1) 1.0 over sqrt(3)
+    assert psnr_gain(per_image, "vae_bicubic", 128) == {"psnr_gain": None, "psnr_gain_se": None}
+    assert psnr_gain(per_image, "infgen", 256)["psnr_gain"] is None  # nothing scored there
+
+
 def test_the_note_says_whether_the_scored_samples_were_held_out():
     rows = [{"decoder": d, "resolution": 128, "psnr": v} for d, v in (("infgen", 20.0), ("vae_bicubic", 25.0))]
     note = lambda **held: evaluation_note(rows, Plan([], [], None, 6, [], **held), "features", "lpips")
@@ -176,6 +189,10 @@ def test_reconstruction_on_ray_writes_table_plots_and_mlflow(ray_local, model_di
     for res in (128, 256):
         assert rows[("infgen", res)]["fidp"] > 5 * rows[("vae_bicubic", res)]["fidp"]
         assert rows[("infgen", res)]["psnr"] + 5 < rows[("vae_bicubic", res)]["psnr"]
+        # all 6 images scored by both: the paired gain's mean is the difference of the two means
+        gain = rows[("infgen", res)]["psnr"] - rows[("vae_bicubic", res)]["psnr"]
+        assert rows[("infgen", res)]["psnr_gain"] == pytest.approx(gain, abs=1e-4)
+        assert rows[("infgen", res)]["psnr_gain_se"] > 0 and rows[("vae_bicubic", res)]["psnr_gain"] is None
     with open(out / "per_image.csv") as f:
         assert len(list(csv.DictReader(f))) == 6 * 6  # 3 decoders × 2 resolutions × 6 images
 
@@ -425,6 +442,19 @@ def test_limit_holds_at_each_resolution_with_real_pixels(tiny_vae, pairs, encode
         "a": [256], "b": [256, 512], "d": [512, 1024], "e": [1024]}
     assert select(rows, [256, 1024], 2, upsample_truth=True) == {"a": [256, 1024], "b": [256, 1024]}
     assert select(rows, [256, 2048], None, upsample_truth=False) == {k: [256, 2048] for k, _ in rows}
+    # limit_at: another count at one resolution; with no `limit`, every row at the others
+    assert select(rows, [256, 1024], 1, upsample_truth=False, limit_at={256: 3}) == {
+        "a": [256], "b": [256], "c": [256], "d": [1024]}
+    assert select(rows, [256, 2048], None, upsample_truth=False, limit_at={2048: 1}) == {
+        **{k: [256] for k, _ in rows}, "e": [256, 2048]}
+    # on the command line its keys are strings; a key that is no resolution or a bad count is named
+    base = {"model": "m", "data": "d", "output": "o", "resolutions": [256, 2048]}
+    assert dataclass_from(EvalConfig, {**base, "limit_at": {"2048": 12}}).limit_at == {2048: 12}
+    with pytest.raises(ValueError, match=r"limit_at.2084=3: keys must be resolutions \(multiples of 8"):
+        dataclass_from(EvalConfig, {**base, "limit_at": {2084: 3}})
+    with pytest.raises(ValueError, match="limit_at.2048=0"):
+        dataclass_from(EvalConfig, {**base, "limit_at": {2048: 0}})
+    assert select(rows, [256], 1, upsample_truth=False, limit_at={2048: 5}) == {"a": [256]}  # unused there
     # a chunk's per-sample resolutions: "b" is decoded at 128 only
     latents, hr = pairs  # ground truth 256²
     acc = EvalAccumulator(RandomConvFeatures(), PatchProtocol(size=64, shift=32), [128, 256], 64)

@@ -56,6 +56,8 @@ class EvalConfig:
     reference: Optional[str] = None  # data_kind=latents: real images (a directory or glob) for the FID family
     limit: Optional[int] = None  # at most this many samples at each resolution (encoded rows of the smallest key
     #   hashes whose ground truth reaches it: see `select`) or latent files
+    limit_at: dict = field(default_factory=dict)  # {resolution: count}: another count there than `limit` (encoded
+    #   data), e.g. {2048: 8} with limit 32: a 2048-px decode costs ~25× a 512-px one; unused where not evaluated
     holdout: Optional[Holdout] = None  # which rows (data_kind=encoded): null, the model's record of the split it
     #   was trained with (holdout.json, pipelines.holdout.HoldoutRecord); or a split of its own (listed URLs and/or a
     #   URL-hash fraction; neither: every row)
@@ -99,10 +101,30 @@ class EvalConfig:
         bad = [r for r in self.resolutions if not isinstance(r, int) or r < 64 or r % 8]
         if bad or not self.resolutions:
             raise ValueError(f"resolutions must be multiples of 8, at least 64 (long side in pixels), got {bad}")
+        self.limit_at = limit_counts(self.limit_at, self.data_kind)
         if self.extractor not in ("inception", "random"):
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
         if self.tile is not None and (self.tile < 8 or self.tile % 8):
             raise ValueError(f"tile must be a positive multiple of 8 (or null: untiled), got {self.tile}")
+
+
+def limit_counts(limit_at: dict, data_kind: str) -> dict[int, int]:
+    """`limit_at` as {resolution (int): count (int)}; a key from the command line (limit_at.2048=12) is a string.
+    An entry for a resolution that is not evaluated is unused (a config can keep it while `resolutions` is
+    overridden). Raises ValueError naming the entry when a key is not a resolution (a multiple of 8, at least 64)
+    or a count not a positive integer, and when data_kind is not "encoded" (latent files are not selected per
+    resolution)."""
+    if limit_at and data_kind != "encoded":
+        raise ValueError(f"limit_at={limit_at}: per-resolution counts select encoded rows; with data_kind="
+                         f"{data_kind} use `limit`")
+    counts = {}
+    for res, count in limit_at.items():
+        key = int(res) if isinstance(res, int) or str(res).isdigit() else 0
+        if key < 64 or key % 8 or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"limit_at.{res}={count!r}: keys must be resolutions (multiples of 8, at least 64) "
+                             f"and counts positive integers")
+        counts[key] = count
+    return counts
 
 
 def extractor_id(cfg: EvalConfig) -> str:

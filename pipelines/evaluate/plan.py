@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import pyarrow.fs as pafs
 
@@ -97,7 +97,8 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
     if not ordered:
         raise ValueError(f"data {cfg.data}: the shards hold no rows"
                          + (f" held out by holdout ({holdout.describe()}; from the {source})" if holdout else ""))
-    selected = select([(k, side) for _, k, side in ordered], cfg.resolutions, cfg.limit, cfg.upsample_truth)
+    selected = select([(k, side) for _, k, side in ordered], cfg.resolutions, cfg.limit, cfg.upsample_truth,
+                      cfg.limit_at)
     trained = refuse_trained_rows(cfg, record, files, set(selected))
     units = []  # at most chunk_rows samples each: many small units keep every actor busy to the end
     for path, g, rows in groups:
@@ -111,19 +112,19 @@ def plan_encoded(cfg: EvalConfig, chunk_rows: int) -> Plan:
 
 
 def select(rows: Sequence[tuple[str, Optional[int]]], resolutions: Sequence[int], limit: Optional[int],
-           upsample_truth: bool) -> dict[str, list[int]]:
+           upsample_truth: bool, limit_at: Optional[Mapping[int, int]] = None) -> dict[str, list[int]]:
     """Which rows are evaluated at which resolutions: {key: [resolution, ...]}. rows: (key, long side of the
     ground truth in px, None when unknown), in selection order (smallest key hash first: deterministic,
-    independent of file order). Without a limit, every row at every resolution. With one, at each resolution
-    the first `limit` rows whose ground truth reaches it (any row when `upsample_truth`, or when its size is
-    unknown: the accumulator then skips and counts it), so a large resolution gets `limit` samples of real
-    pixels too, not only the few of the first `limit` rows that happen to be large enough."""
-    if not limit:  # every row everywhere: the accumulator skips (and counts) a truth too small for a resolution
-        return {key: list(resolutions) for key, _ in rows}
+    independent of file order). At each resolution, its count is limit_at[resolution] if given, else `limit`.
+    Without a count, every row (the accumulator skips and counts a truth too small for it). With one, the first
+    that many rows whose ground truth reaches it (any row when `upsample_truth`, or when its size is unknown: the
+    accumulator then skips and counts it), so a large resolution gets that many samples of real pixels too, not
+    only the few of the first rows that happen to be large enough."""
     chosen: dict[str, list[int]] = {}
     for res in resolutions:
-        reaching = [k for k, side in rows if upsample_truth or side is None or side >= res]
-        for key in reaching[:limit]:
+        count = (limit_at or {}).get(res, limit) or None
+        reaching = [k for k, side in rows if count is None or upsample_truth or side is None or side >= res]
+        for key in reaching[:count]:
             chosen.setdefault(key, []).append(res)
     return chosen
 

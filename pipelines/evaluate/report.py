@@ -64,7 +64,7 @@ def plot_metrics(rows: list[dict], decoders: list[str]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in METRICS if not m.endswith("_se") and any(r.get(m) is not None for r in rows)]
     cols = 3
     fig, axes = plt.subplots(math.ceil(len(metrics) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(metrics) / cols)),
                              squeeze=False)
@@ -133,7 +133,9 @@ def evaluation_note(rows: list[dict], p: Plan, extractor: str, lpips_note: str) 
     for res in sorted({r["resolution"] for r in rows}):
         ours, base = by.get(("infgen", res)), by.get(("vae_bicubic", res))
         if ours and base and ours.get("psnr") is not None and base.get("psnr") is not None:
-            parts.append(f"{res}: {ours['psnr']:.2f} vs {base['psnr']:.2f} dB ({ours['psnr'] - base['psnr']:+.2f})")
+            gain = (f"{ours['psnr_gain']:+.2f} ± {ours['psnr_gain_se']:.2f}" if ours.get("psnr_gain") is not None
+                    else f"{ours['psnr'] - base['psnr']:+.2f}")
+            parts.append(f"{res}: {ours['psnr']:.2f} vs {base['psnr']:.2f} dB ({gain})")
     head = (f"infgen against VAE decode + bicubic, PSNR on {scored_samples(p)}: " + "; ".join(parts) + "."
             if parts else f"{p.samples} samples; decoders: {sorted({r['decoder'] for r in rows})}.")
     return (f"{head} Patch features: {extractor}. LPIPS: {lpips_note}. Full table: evaluation/results_table.json "
@@ -149,10 +151,13 @@ def scored_samples(p: Plan) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
+    """The results table, one line per decoder and resolution; psnr_gain as mean ± standard error (dB)."""
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-    columns = ["decoder", "resolution", "fidp", "sfidp", "fid", "kidp", "precisionp", "recallp", "psnr", "ssim",
-               "lpips", "latency_s"]
-    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns]
+    gain = lambda r: "-" if r.get("psnr_gain") is None else f"{r['psnr_gain']:+.2f}±{r['psnr_gain_se']:.2f}"
+    columns = ["decoder", "resolution", "fidp", "sfidp", "fid", "kidp", "precisionp", "recallp", "psnr",
+               "psnr_gain", "ssim", "lpips", "latency_s"]
+    cell = lambda r, c: gain(r) if c == "psnr_gain" else fmt(r.get(c))
+    widths = [max(len(c), *(len(cell(r, c)) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(cell(r, c).ljust(w) for c, w in zip(columns, widths)))

@@ -73,9 +73,11 @@ def run_evaluate(config: EvalConfig | Mapping[str, Any]) -> StageResult:
 def fingerprints(cfg: EvalConfig, p: Plan) -> tuple[str, dict, str]:
     """(the data's fingerprint: input files, selection, reference images; the parameters that shape the results;
     the output's fingerprint: both and the model's files, by content, so a re-export is the same model)."""
-    data_fp = fingerprint(p.fs, p.input_files, {"limit": cfg.limit, "selection": "per-resolution",
-                                                "kind": cfg.data_kind, "reference": p.reference_files,
-                                                "holdout": p.holdout})
+    selection = {"limit": cfg.limit, "selection": "per-resolution", "kind": cfg.data_kind,
+                 "reference": p.reference_files, "holdout": p.holdout}
+    if cfg.limit_at:  # only when set: the fingerprints of evaluations without it stay as they were
+        selection["limit_at"] = {str(r): n for r, n in sorted(cfg.limit_at.items())}
+    data_fp = fingerprint(p.fs, p.input_files, selection)
     model_dir = Path(cfg.model or "")
     model_files = sorted(f for f in model_dir.glob("*") if f.is_file()) if cfg.model and model_dir.is_dir() else []
     params = {k: v for k, v in asdict(cfg).items() if k not in ("ray", "mlflow", "output", "workers")}

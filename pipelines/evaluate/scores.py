@@ -13,7 +13,9 @@ from infgen.evaluation import FEATURES, REFERENCE, add_counts
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.reference_cache import load_reference, save_reference
 
-METRICS = ("fid", "fidp", "sfidp", "kidp", "precisionp", "recallp", "psnr", "ssim", "lpips", "latency_s")
+METRICS = ("fid", "fidp", "sfidp", "kidp", "precisionp", "recallp", "psnr", "psnr_gain", "psnr_gain_se", "ssim",
+           "lpips", "latency_s")
+BASELINE = "vae_bicubic"  # what infgen replaces: the gain columns compare every other decoder with it
 
 DEFINITIONS = {
     "fid": "Fréchet distance of Inception pool_3 (2048-d) of whole images (resized to 299²) vs the reference",
@@ -23,6 +25,9 @@ DEFINITIONS = {
     "precisionp": "improved precision (k=pr_k) of decoded patches against the reference patches",
     "recallp": "improved recall (k=pr_k) of the reference patches against the decoded patches",
     "psnr": "mean per-image PSNR (dB) against the ground truth at the same size (reconstruction only)",
+    "psnr_gain": f"mean per-image PSNR minus {BASELINE}'s on the same images (dB, paired): > 0 is ahead of it",
+    "psnr_gain_se": "standard error of psnr_gain (std of the per-image differences / sqrt(images)): a gain within "
+                    "about 2 of these of 0 is not resolved by this many images",
     "ssim": "mean per-image SSIM (torchmetrics, Gaussian 11, σ 1.5)",
     "lpips": "mean per-image LPIPS with a pretrained backbone (lpips_net); absent when unavailable",
     "latency_s": "decode seconds per image on one worker (baselines include the VAE decode at native size)",
@@ -72,6 +77,7 @@ def collect(cfg: EvalConfig, actors: list, cache_fs: pafs.FileSystem, cache: dic
             row.update(distances(cfg, {f: merged("stats", (decoder, res, f)) for f in FEATURES}, ref_stats,
                                  merged("sample", (decoder, res)), ref_sample))
             row.update(reconstruction_means(per_image, decoder, res))
+            row.update(psnr_gain(per_image, decoder, res))
             rows.append(row)
     return rows, {"counts": counts, "per_image": per_image, "crops": crops}
 
@@ -106,3 +112,16 @@ def reconstruction_means(per_image: list[dict], decoder: str, res: int) -> dict:
     rows = [r for r in per_image if r["decoder"] == decoder and r["resolution"] == res]
     mean = lambda name: (float(np.mean([r[name] for r in rows])) if rows and rows[0][name] is not None else None)
     return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips")}
+
+
+def psnr_gain(per_image: list[dict], decoder: str, res: int) -> dict:
+    """{"psnr_gain", "psnr_gain_se"} of `decoder` over BASELINE at resolution `res`: the mean and standard error
+    (ddof 1) of the per-image PSNR differences on the images both scored (paired: the images' own spread, which
+    is far larger than a decoder's gain, cancels). None for the baseline itself, without it, or under 2 images."""
+    psnr = lambda name: {r["key"]: r["psnr"] for r in per_image
+                         if r["decoder"] == name and r["resolution"] == res and r["psnr"] is not None}
+    ours, base = psnr(decoder), psnr(BASELINE)
+    diffs = np.array([ours[k] - base[k] for k in ours.keys() & base.keys()])
+    if decoder == BASELINE or len(diffs) < 2:
+        return {"psnr_gain": None, "psnr_gain_se": None}
+    return {"psnr_gain": float(diffs.mean()), "psnr_gain_se": float(diffs.std(ddof=1) / len(diffs) ** 0.5)}
