@@ -117,6 +117,12 @@ def test_config_errors_name_the_problem(tmp_path):
         dataclass_from(EvalConfig, {**base, "workers": {"gpus": 1}})
     with pytest.raises(ValueError, match="no `model` is set"):
         dataclass_from(EvalConfig, {**base, "model": None})
+    # limit_at: on the command line its keys are strings; a key that is no resolution or a bad count is named
+    assert dataclass_from(EvalConfig, {**base, "limit_at": {"2048": 12}}).limit_at == {2048: 12}
+    with pytest.raises(ValueError, match=r"limit_at.2084=3: keys must be resolutions \(multiples of 8"):
+        dataclass_from(EvalConfig, {**base, "limit_at": {2084: 3}})
+    with pytest.raises(ValueError, match="limit_at.2048=0"):
+        dataclass_from(EvalConfig, {**base, "limit_at": {2048: 0}})
 
 
 def test_psnr_gain_is_paired_over_the_images_both_decoders_scored():
@@ -447,13 +453,6 @@ def test_limit_holds_at_each_resolution_with_real_pixels(tiny_vae, pairs, encode
         "a": [256], "b": [256], "c": [256], "d": [1024]}
     assert select(rows, [256, 2048], None, upsample_truth=False, limit_at={2048: 1}) == {
         **{k: [256] for k, _ in rows}, "e": [256, 2048]}
-    # on the command line its keys are strings; a key that is no resolution or a bad count is named
-    base = {"model": "m", "data": "d", "output": "o", "resolutions": [256, 2048]}
-    assert dataclass_from(EvalConfig, {**base, "limit_at": {"2048": 12}}).limit_at == {2048: 12}
-    with pytest.raises(ValueError, match=r"limit_at.2084=3: keys must be resolutions \(multiples of 8"):
-        dataclass_from(EvalConfig, {**base, "limit_at": {2084: 3}})
-    with pytest.raises(ValueError, match="limit_at.2048=0"):
-        dataclass_from(EvalConfig, {**base, "limit_at": {2048: 0}})
     assert select(rows, [256], 1, upsample_truth=False, limit_at={2048: 5}) == {"a": [256]}  # unused there
     # a chunk's per-sample resolutions: "b" is decoded at 128 only
     latents, hr = pairs  # ground truth 256²

@@ -4,7 +4,7 @@ key."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from infgen.distribution_metrics import PatchProtocol
 from infgen.evaluation import DECODERS
@@ -98,7 +98,7 @@ class EvalConfig:
             raise ValueError(f"decoders must be a non-empty subset of {list(DECODERS)}, got {self.decoders}")
         if not self.model and any(d.startswith("infgen") for d in self.decoders):
             raise ValueError(f"decoders {self.decoders} include infgen but no `model` is set")
-        bad = [r for r in self.resolutions if not isinstance(r, int) or r < 64 or r % 8]
+        bad = [r for r in self.resolutions if not is_resolution(r)]
         if bad or not self.resolutions:
             raise ValueError(f"resolutions must be multiples of 8, at least 64 (long side in pixels), got {bad}")
         self.limit_at = limit_counts(self.limit_at, self.data_kind)
@@ -106,6 +106,11 @@ class EvalConfig:
             raise ValueError(f"extractor must be 'inception' or 'random', got {self.extractor!r}")
         if self.tile is not None and (self.tile < 8 or self.tile % 8):
             raise ValueError(f"tile must be a positive multiple of 8 (or null: untiled), got {self.tile}")
+
+
+def is_resolution(value: Any) -> bool:
+    """Whether `value` can be an evaluated resolution: an int long side in pixels, a multiple of 8, at least 64."""
+    return isinstance(value, int) and value >= 64 and value % 8 == 0
 
 
 def limit_counts(limit_at: dict, data_kind: str) -> dict[int, int]:
@@ -119,8 +124,8 @@ def limit_counts(limit_at: dict, data_kind: str) -> dict[int, int]:
                          f"{data_kind} use `limit`")
     counts = {}
     for res, count in limit_at.items():
-        key = int(res) if isinstance(res, int) or str(res).isdigit() else 0
-        if key < 64 or key % 8 or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        key = int(res) if isinstance(res, int) or str(res).isdigit() else None
+        if not is_resolution(key) or not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"limit_at.{res}={count!r}: keys must be resolutions (multiples of 8, at least 64) "
                              f"and counts positive integers")
         counts[key] = count

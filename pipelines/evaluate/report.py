@@ -17,7 +17,7 @@ from pipelines.common import local_files, write_bytes, write_json
 from pipelines.evaluate.config import EvalConfig, extractor_id
 from pipelines.evaluate.model import exported_record
 from pipelines.evaluate.plan import Plan
-from pipelines.evaluate.scores import DEFINITIONS, METRICS
+from pipelines.evaluate.scores import BASELINE, DEFINITIONS, METRICS
 from pipelines.tracking import logged_model_id
 
 
@@ -131,7 +131,7 @@ def evaluation_note(rows: list[dict], p: Plan, extractor: str, lpips_note: str) 
     by = {(r["decoder"], r["resolution"]): r for r in rows}
     parts = []
     for res in sorted({r["resolution"] for r in rows}):
-        ours, base = by.get(("infgen", res)), by.get(("vae_bicubic", res))
+        ours, base = by.get(("infgen", res)), by.get((BASELINE, res))
         if ours and base and ours.get("psnr") is not None and base.get("psnr") is not None:
             gain = (f"{ours['psnr_gain']:+.2f} ± {ours['psnr_gain_se']:.2f}" if ours.get("psnr_gain") is not None
                     else f"{ours['psnr'] - base['psnr']:+.2f}")

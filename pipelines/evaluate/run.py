@@ -75,7 +75,7 @@ def fingerprints(cfg: EvalConfig, p: Plan) -> tuple[str, dict, str]:
     the output's fingerprint: both and the model's files, by content, so a re-export is the same model)."""
     selection = {"limit": cfg.limit, "selection": "per-resolution", "kind": cfg.data_kind,
                  "reference": p.reference_files, "holdout": p.holdout}
-    if cfg.limit_at:  # only when set: the fingerprints of evaluations without it stay as they were
+    if cfg.limit_at:  # only when set: without it the data fingerprint, the reference cache's key, is as before
         selection["limit_at"] = {str(r): n for r, n in sorted(cfg.limit_at.items())}
     data_fp = fingerprint(p.fs, p.input_files, selection)
     model_dir = Path(cfg.model or "")
